@@ -1,0 +1,39 @@
+"""User-facing error types.
+
+Every error a user can fix (a typo in a name, a reused run directory, a damaged results file) derives
+from :class:`DivlaEvalError`, so the CLI can print one clean line (``divla-eval: error: <message>``) and
+exit 2 instead of a traceback, while real bugs still surface as tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class DivlaEvalError(Exception):
+    """Base class for errors caused by user input or on-disk state, not by a bug in divla-eval."""
+
+
+class UnknownNameError(DivlaEvalError):
+    """A registry lookup failed; carries the valid names so callers (and tests) need not parse text."""
+
+    def __init__(self, kind: str, name: str, valid: list[str], closest: str | None = None) -> None:
+        self.kind = kind
+        self.name = name
+        self.valid = list(valid)
+        self.closest = closest
+        message = f"unknown {kind} {name!r}; valid: {', '.join(self.valid) if self.valid else '(none)'}"
+        if closest is not None:
+            message += f" (did you mean {closest!r}?)"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, list[str], str | None]]:
+        # Exceptions pickle as cls(*args); spell out our constructor args so the error survives being
+        # sent back from a worker process.
+        return (type(self), (self.kind, self.name, self.valid, self.closest))
+
+
+class ConfigMismatchError(DivlaEvalError):
+    """A run directory is being reused with a different config; resuming would mix incomparable episodes."""
+
+
+class CorruptFileError(DivlaEvalError):
+    """A results file is damaged in a way that cannot be an interrupted write, so we refuse to guess."""

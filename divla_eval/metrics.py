@@ -1,0 +1,164 @@
+"""Success rates with Wilson 95% intervals, failure-mode counts and per-object tables.
+
+Every planned episode counts: an episode that crashed (status "error") is a failure and stays in n, so a
+policy cannot look better by crashing on its hard cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+from divla_eval.records import EpisodeRecord
+
+RATE_COLUMNS = ["n", "successes", "success_rate", "ci_low", "ci_high", "errors"]
+FRAME_COLUMNS = [
+    "run_id",
+    "task",
+    "task_version",
+    "split",
+    "difficulty",
+    "episode_index",
+    "episode_key",
+    "seed",
+    "policy",
+    "checkpoint_hash",
+    "success",
+    "partial_score",
+    "failure_mode",
+    "status",
+    "steps",
+    "wall_time_s",
+    "latency_n",
+    "latency_mean_ms",
+    "latency_p95_ms",
+    "perturbation",
+    "object_id",
+]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval; unlike the normal approximation it stays sensible at 0/n and n/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes={successes} must lie in [0, n={n}]")
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def _format_level(level: object) -> str:
+    if isinstance(level, float) and level.is_integer():
+        return str(int(level))
+    return str(level)
+
+
+def perturbation_label(perturbations: list[dict]) -> str:
+    """Short, order-independent group label such as ``lighting:2+distractors:1`` (or ``none``)."""
+    if not perturbations:
+        return "none"
+    parts = []
+    for p in perturbations:
+        name = str(p.get("name", "?"))
+        parts.append(f"{name}:{_format_level(p['level'])}" if p.get("level") is not None else name)
+    return "+".join(sorted(parts))
+
+
+def records_frame(records: Sequence[EpisodeRecord]) -> pd.DataFrame:
+    """One row per episode with the columns the tables group and aggregate on."""
+    rows = []
+    for r in records:
+        lat = r.latency_ms or {}
+        rows.append(
+            {
+                "run_id": r.run_id,
+                "task": r.task,
+                "task_version": r.task_version,
+                "split": r.split,
+                "difficulty": r.difficulty,
+                "episode_index": r.episode_index,
+                "episode_key": r.episode_key,
+                "seed": r.seed,
+                "policy": r.policy,
+                "checkpoint_hash": r.checkpoint_hash,
+                "success": bool(r.success),
+                "partial_score": float(r.partial_score),
+                "failure_mode": r.failure_mode,
+                "status": r.status,
+                "steps": int(r.steps),
+                "wall_time_s": float(r.wall_time_s),
+                "latency_n": int(lat.get("n", 0) or 0),
+                "latency_mean_ms": lat.get("mean"),
+                "latency_p95_ms": lat.get("p95"),
+                "perturbation": perturbation_label(r.perturbations),
+                "object_id": r.object_ids[0] if r.object_ids else "",
+            }
+        )
+    return pd.DataFrame(rows, columns=FRAME_COLUMNS)
+
+
+def _counted(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the 0/1 columns we sum: a success only counts when the episode did not error."""
+    errored = df["status"] == "error"
+    return df.assign(_success=(df["success"].astype(bool) & ~errored).astype(int), _error=errored.astype(int))
+
+
+def success_table(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Per-group n, successes, rate, Wilson 95% CI and error count (errors are failures, kept in n)."""
+    by = list(by)
+    work = _counted(df)
+    if by:
+        grouped = work.groupby(by, dropna=False, sort=True)
+        out = grouped.agg(n=("_success", "size"), successes=("_success", "sum"), errors=("_error", "sum"))
+        out = out.reset_index()
+    else:
+        out = pd.DataFrame(
+            {"n": [len(work)], "successes": [work["_success"].sum()], "errors": [work["_error"].sum()]}
+        )
+    out["n"] = out["n"].astype(int)
+    out["successes"] = out["successes"].astype(int)
+    out["errors"] = out["errors"].astype(int)
+    out["success_rate"] = [s / n if n else float("nan") for s, n in zip(out["successes"], out["n"])]
+    bounds = [wilson_interval(s, n) for s, n in zip(out["successes"], out["n"])]
+    out["ci_low"] = [lo for lo, _ in bounds]
+    out["ci_high"] = [hi for _, hi in bounds]
+    return out[by + RATE_COLUMNS].reset_index(drop=True)
+
+
+def failure_modes(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Counts of each failure mode among failed episodes, with its share of all episodes in the group.
+
+    An errored episode without a named mode is reported as ``error``, an unnamed failure as ``unknown``,
+    so every failure is accounted for.
+    """
+    by = list(by)
+    work = _counted(df)
+    failed = work[work["_success"] == 0].copy()
+    modes = failed["failure_mode"].astype(object).where(failed["failure_mode"].notna(), None)
+    failed["failure_mode"] = [
+        m if m is not None else ("error" if s == "error" else "unknown")
+        for m, s in zip(modes, failed["status"])
+    ]
+    columns = by + ["failure_mode", "count", "share"]
+    if failed.empty:
+        return pd.DataFrame(columns=columns)
+    counts = failed.groupby(by + ["failure_mode"], dropna=False).size().rename("count").reset_index()
+    if by:
+        totals = work.groupby(by, dropna=False).size().rename("_total").reset_index()
+        counts = counts.merge(totals, on=by, how="left")
+    else:
+        counts["_total"] = len(work)
+    counts["share"] = counts["count"] / counts["_total"]
+    counts = counts.sort_values(by + ["count", "failure_mode"], ascending=[True] * len(by) + [False, True])
+    return counts[columns].reset_index(drop=True)
+
+
+def per_object_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Success per object (first object id of each episode), to spot objects a policy never grasps."""
+    return success_table(df, ["object_id"])

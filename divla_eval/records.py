@@ -1,0 +1,275 @@
+"""What a run leaves on disk: one JSONL line per finished episode, plus ``manifest.json``.
+
+The JSONL store is the source of truth for results and for resuming: a line is written (and fsynced)
+only when an episode has finished, so an interrupted run loses at most the episodes in flight, and a
+rerun into the same directory skips every key already present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from divla_eval.errors import ConfigMismatchError, CorruptFileError
+
+MANIFEST_NAME = "manifest.json"
+# Versions that can move success rates; recorded (never imported) so results can be traced to a stack.
+TRACKED_PACKAGES = ("mujoco", "robosuite", "numpy", "torch", "gymnasium", "transformers", "diffusers")
+
+
+def _json_default(obj: Any) -> Any:
+    """Let numpy scalars/arrays through json.dumps without importing numpy here."""
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+@dataclass
+class EpisodeRecord:
+    """One finished (or failed) episode; the unit every metric is computed from."""
+
+    run_id: str
+    task: str
+    task_version: str
+    split: str
+    difficulty: str | None
+    episode_index: int
+    episode_key: str  # unique name of the planned episode; resume and dedup key on it
+    seed: int
+    object_ids: list[str]
+    instruction: str
+    perturbations: list[dict]  # [{"name": ..., "level": ..., **params}]
+    policy: str
+    checkpoint_hash: str | None
+    success: bool
+    partial_score: float
+    failure_mode: str | None
+    steps: int
+    wall_time_s: float
+    latency_ms: dict  # {"n", "mean", "p50", "p95"}; empty when the policy was never called
+    reasoning_trace: list[dict]
+    status: str  # "ok" or "error"; errors count as failures, never dropped
+    error: str | None  # traceback text when status == "error"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """One line of JSON (sorted keys, so files diff cleanly)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=_json_default)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpisodeRecord:
+        """Build from a parsed line; unknown keys (from newer versions) are ignored so old readers cope."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class EpisodeStore:
+    """Append-only JSONL file of :class:`EpisodeRecord`; one writer (the runner's main process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._tail_checked = False
+
+    def append(self, record: EpisodeRecord) -> None:
+        """Write one line and fsync it, so a finished episode survives a crash or Ctrl-C right after."""
+        line = record.to_json() + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._tail_checked:
+            self._repair_tail()
+            self._tail_checked = True
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _repair_tail(self) -> None:
+        """Deal with a last line left without its newline by an interrupted write.
+
+        Appending after it would glue the next record onto it and turn a harmless torn tail into a
+        corrupt middle line. A tail that still parses is a complete record missing only its newline, so
+        we finish it; anything else is dropped (``load`` already ignores it).
+        """
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            warnings.warn(f"{self.path}: dropping a truncated last line left by an interrupted write")
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                os.fsync(f.fileno())
+            return
+        with open(self.path, "ab") as f:
+            f.write(b"\n")
+            os.fsync(f.fileno())
+
+    def load(self) -> list[EpisodeRecord]:
+        """Read every record, first occurrence of each episode_key wins.
+
+        A garbled *last* line is what an interrupted write leaves, so it is skipped with a warning; a
+        garbled line anywhere else means the file was damaged or edited, and guessing would bias results.
+        """
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
+        numbered = [(i + 1, text) for i, text in enumerate(lines) if text.strip()]
+        records: list[EpisodeRecord] = []
+        seen: set[str] = set()
+        duplicates = 0
+        for pos, (lineno, text) in enumerate(numbered):
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                if pos == len(numbered) - 1:
+                    warnings.warn(
+                        f"{self.path}:{lineno}: ignoring a truncated last line (interrupted write?)"
+                    )
+                    break
+                raise CorruptFileError(f"{self.path}:{lineno}: not valid JSON ({exc})") from None
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+                record = EpisodeRecord.from_dict(data)
+            except TypeError as exc:
+                raise CorruptFileError(f"{self.path}:{lineno}: not an episode record ({exc})") from None
+            if record.episode_key in seen:
+                duplicates += 1
+                continue
+            seen.add(record.episode_key)
+            records.append(record)
+        if duplicates:
+            warnings.warn(f"{self.path}: ignored {duplicates} duplicate episode(s); kept the first of each")
+        return records
+
+    def done_keys(self) -> set[str]:
+        """Keys of episodes already finished, which a resumed run skips."""
+        return {r.episode_key for r in self.load()}
+
+
+def write_manifest(run_dir: Path, config: dict, extra: dict) -> None:
+    """Write ``manifest.json`` atomically (tmp + rename) so a crash never leaves half a manifest."""
+    if "config" in extra:
+        raise ValueError("'config' is reserved in the manifest; pass it as the config argument")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"config": config, **extra}, indent=2, sort_keys=True, default=_json_default)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".manifest.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, run_dir / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    """The run's manifest, or None when the directory has none yet."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path}: expected a JSON object")
+    return data
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a.b": value}, so a mismatch message can name the exact setting."""
+    if not isinstance(d, dict) or (prefix and not d):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _short(value: Any, missing: bool = False) -> str:
+    if missing:
+        return "<unset>"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_manifest_compatible(run_dir: Path, config: dict) -> None:
+    """Refuse to resume a run dir made with another config: its episodes would not be comparable."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return
+    if "config" not in manifest:
+        raise CorruptFileError(f"{Path(run_dir) / MANIFEST_NAME}: has no 'config' entry")
+    # Round-trip through JSON so tuples vs lists and numpy scalars compare as they would be stored.
+    old = _flatten(json.loads(json.dumps(manifest["config"], sort_keys=True, default=_json_default)))
+    new = _flatten(json.loads(json.dumps(config, sort_keys=True, default=_json_default)))
+    diffs = [
+        f"{key}: {_short(old.get(key), key not in old)} -> {_short(new.get(key), key not in new)}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in old or key not in new or old[key] != new[key]
+    ]
+    if diffs:
+        raise ConfigMismatchError(
+            f"run dir {run_dir} was made with a different config ({'; '.join(diffs)}); "
+            "use a new --out directory"
+        )
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def environment_info(cwd: Path | None = None) -> dict:
+    """Machine, code revision and simulator-stack versions for the manifest.
+
+    Package versions come from installed metadata rather than imports, so recording them costs nothing
+    and cannot fail on a broken GPU stack. ``dirty`` ignores untracked files (run dirs, venvs), which do
+    not change what the code computes.
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    commit = _git(["rev-parse", "HEAD"], cwd)
+    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd) if commit is not None else None
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": commit.strip() if commit is not None else None,
+        "dirty": bool(status.strip()) if status is not None else None,
+        "packages": versions,
+    }

@@ -1,0 +1,213 @@
+"""Turn a run directory into ``report.md`` and ``success.png``.
+
+The report is rebuilt from ``episodes.jsonl`` alone (plus the manifest for context), so it can be made
+at any time, including for a run that is still going or was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from divla_eval.errors import DivlaEvalError
+from divla_eval.metrics import failure_modes, per_object_table, records_frame, success_table
+from divla_eval.records import EpisodeStore, read_manifest
+
+GROUP_COLUMNS = ["task", "split", "perturbation", "policy"]
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table (numbers right-aligned) without pandas' optional tabulate dependency."""
+    header = [str(c) for c in df.columns]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if num else ":---" for num in numeric) + "|",
+    ]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _rates_for_display(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    out = table[list(by)].copy()
+    out["n"] = table["n"]
+    out["successes"] = table["successes"]
+    out["success rate"] = [_pct(r) for r in table["success_rate"]]
+    out["95% CI"] = [f"{_pct(lo)} - {_pct(hi)}" for lo, hi in zip(table["ci_low"], table["ci_high"])]
+    out["errors"] = table["errors"]
+    return out
+
+
+def _config_bullets(manifest: dict | None) -> list[str]:
+    if manifest is None:
+        return ["- (no manifest.json in this run directory)"]
+    bullets = []
+    for key, value in sorted((manifest.get("config") or {}).items()):
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        bullets.append(f"- {key}: `{text if len(text) <= 80 else text[:77] + '...'}`")
+    # The runner stores environment_info() under "environment"; accept it at top level too.
+    env = manifest.get("environment") or (manifest if "git_commit" in manifest else {})
+    if isinstance(env, dict) and env:
+        commit = env.get("git_commit")
+        dirty = " (dirty)" if env.get("dirty") else ""
+        bullets.append(f"- git commit: `{commit or 'unknown'}`{dirty}")
+        packages = env.get("packages") or {}
+        pinned = ", ".join(f"{k} {v}" for k, v in sorted(packages.items()) if v)
+        if pinned:
+            bullets.append(f"- packages: {pinned}")
+    return bullets or ["- (empty config)"]
+
+
+def _timing_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-policy timing. Latency mean is weighted by call count; p95 is the worst episode's p95."""
+    rows = []
+    for policy, g in df.groupby("policy", sort=True):
+        calls = g["latency_n"].astype(float)
+        means = pd.to_numeric(g["latency_mean_ms"], errors="coerce")
+        has = means.notna() & (calls > 0)
+        lat_mean = float((means[has] * calls[has]).sum() / calls[has].sum()) if has.any() else float("nan")
+        p95 = pd.to_numeric(g["latency_p95_ms"], errors="coerce")
+        rows.append(
+            {
+                "policy": policy,
+                "episodes": len(g),
+                "mean wall time per episode (s)": float(g["wall_time_s"].mean()),
+                "mean steps": float(g["steps"].mean()),
+                "policy calls": int(calls.sum()),
+                "mean latency (ms)": lat_mean,
+                "worst episode p95 (ms)": float(p95.max()) if p95.notna().any() else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _plot_success(table: pd.DataFrame, by: Sequence[str], path: Path) -> None:
+    """Bar chart of success rate per group with Wilson 95% CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless machines; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    # Label bars only by the grouping columns that actually vary, so labels stay readable.
+    varying = [c for c in by if table[c].astype(str).nunique() > 1] or list(by[-1:])
+    labels = [" / ".join(_cell(row[c]) for c in varying) for _, row in table.iterrows()]
+    rates = table["success_rate"].fillna(0.0).to_numpy()
+    yerr = [
+        (rates - table["ci_low"].to_numpy()).clip(min=0),
+        (table["ci_high"].to_numpy() - rates).clip(min=0),
+    ]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(labels) + 2.0), 4.5))
+    try:
+        x = range(len(labels))
+        ax.bar(x, rates, yerr=yerr, capsize=4, color="tab:blue", ecolor="black")
+        ax.set_xticks(
+            list(x),
+            labels,
+            rotation=45 if len(labels) > 3 else 0,
+            ha="right" if len(labels) > 3 else "center",
+        )
+        ax.set_ylim(0.0, 1.0)
+        ax.set_ylabel("success rate")
+        ax.set_xlabel(" / ".join(varying))
+        ax.set_title("Success rate per group (Wilson 95% CI)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md`` and ``success.png`` into ``run_dir``; returns the report path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DivlaEvalError(f"run directory {run_dir} does not exist")
+    episodes_path = run_dir / "episodes.jsonl"
+    if not episodes_path.is_file():
+        raise DivlaEvalError(f"{run_dir} has no episodes.jsonl; is it a divla-eval run directory?")
+    records = EpisodeStore(episodes_path).load()
+    if not records:
+        raise DivlaEvalError(f"{episodes_path} has no finished episodes yet; nothing to report")
+    manifest = read_manifest(run_dir)
+    df = records_frame(records)
+
+    # Mixing difficulty levels in one rate would hide what the number means, so split on it when present.
+    by = list(GROUP_COLUMNS)
+    if df["difficulty"].notna().any():
+        by.insert(2, "difficulty")
+    table = success_table(df, by)
+    overall = success_table(df, [])
+    plot_path = run_dir / "success.png"
+    _plot_success(table, by, plot_path)
+
+    o = overall.iloc[0]
+    summary = (
+        f"{len(df)} episodes, run id(s): {', '.join(sorted(df['run_id'].astype(str).unique()))}. "
+        f"Overall success {_pct(o['success_rate'])} ({int(o['successes'])}/{int(o['n'])}, "
+        f"95% CI {_pct(o['ci_low'])} - {_pct(o['ci_high'])}); {int(o['errors'])} episode(s) errored "
+        "and count as failures."
+    )
+    lines = [
+        f"# divla-eval report: {run_dir.name}",
+        "",
+        summary,
+        "",
+        "## Run config",
+        "",
+        *_config_bullets(manifest),
+        "",
+        "## Success rate",
+        "",
+        markdown_table(_rates_for_display(table, by)),
+        "",
+        f"![success rate per group]({plot_path.name})",
+        "",
+        "## Failure modes",
+        "",
+    ]
+    modes = failure_modes(df, ["task", "policy"])
+    if modes.empty:
+        lines.append("No failures.")
+    else:
+        modes = modes.assign(share=[_pct(s) for s in modes["share"]])
+        lines.append(markdown_table(modes))
+    lines.append("")
+    if df["object_id"].nunique() > 1:
+        lines += [
+            "## Per object",
+            "",
+            markdown_table(_rates_for_display(per_object_table(df), ["object_id"])),
+            "",
+        ]
+    lines += ["## Timing", "", markdown_table(_timing_table(df)), ""]
+    errors = df[df["status"] == "error"]
+    if not errors.empty:
+        by_key = {r.episode_key: r for r in records}
+        lines += ["## Errored episodes", ""]
+        for key in errors["episode_key"].head(20):
+            last = (by_key[key].error or "").strip().splitlines()[-1:] or ["(no traceback recorded)"]
+            lines.append(f"- `{key}`: {_cell(last[0])}")
+        if len(errors) > 20:
+            lines.append(f"- ... and {len(errors) - 20} more (see episodes.jsonl)")
+        lines.append("")
+
+    report_path = run_dir / "report.md"
+    report_path.write_text("\n".join(lines), encoding="utf-8")
+    return report_path

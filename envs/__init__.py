@@ -1,0 +1,1 @@
+"""Simulation layer: robosuite scenes, the object library, rendering and the gymnasium wrapper."""

@@ -1,0 +1,118 @@
+"""On-demand camera images at the cost this CPU can afford.
+
+Rendering dominates run time on a 2-core machine without GPU (Mesa llvmpipe). robosuite's default scene
+draws ~170k triangles of robot and pedestal meshes with shadows and reflections: ~30-55 ms per 128 px
+frame here. Two measures bring a frame to a few ms while keeping every object's real appearance:
+
+1. `lighten_robot_meshes` decimates the robot, gripper and mount visual meshes once (quadric edge
+   collapse, `fast_simplification`) and caches them on disk; the objects, textures and materials that
+   tasks and perturbations depend on are left untouched.
+2. `CameraRenderer` turns shadows, reflections and multisampling off and hides collision geoms
+   (group 0), as robosuite does for its own visual renders.
+
+Images are upright (row 0 is the top of the picture): this is MuJoCo's own convention, used for
+demonstrations, evaluation and videos alike (robosuite's flipped "opengl" convention is not used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import mujoco
+import numpy as np
+
+#: Mesh names with these prefixes belong to the robot and its mount, which no task's success or
+#: perturbation depends on; only they are simplified.
+DECIMATE_PREFIXES = ("robot", "gripper", "fixed_mount", "mount")
+#: Meshes with fewer faces than this are kept as they are.
+DECIMATE_MIN_FACES = 1500
+#: Fraction of faces kept in a decimated mesh (at least DECIMATE_MIN_FACES // 4 faces).
+DECIMATE_KEEP = 0.06
+_CACHE_VERSION = "v2"
+_memo: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    """Where derived assets live: $DIVLA_EVAL_CACHE, else ~/.cache/divla-eval."""
+    root = os.environ.get("DIVLA_EVAL_CACHE") or Path.home() / ".cache" / "divla-eval"
+    return Path(root)
+
+
+def _decimated_path(src: str) -> str:
+    """Return a cached, decimated copy of mesh file `src`, or `src` itself if it is small already."""
+    if src in _memo:
+        return _memo[src]
+    import fast_simplification
+    import trimesh
+
+    data = Path(src).read_bytes()
+    digest = hashlib.sha256(data + f"{_CACHE_VERSION}:{DECIMATE_KEEP}".encode()).hexdigest()[:20]
+    out = cache_dir() / "meshes" / f"{digest}.stl"
+    if not out.exists():
+        mesh = trimesh.load(src, force="mesh", process=True)
+        # OBJ files repeat a vertex per normal/uv; weld them so the simplifier sees one surface.
+        mesh.merge_vertices(merge_tex=True, merge_norm=True)
+        if len(mesh.faces) < DECIMATE_MIN_FACES:
+            _memo[src] = src
+            return src
+        target = max(DECIMATE_MIN_FACES // 4, int(len(mesh.faces) * DECIMATE_KEEP))
+        verts, faces = fast_simplification.simplify(
+            np.asarray(mesh.vertices, dtype=np.float32),
+            np.asarray(mesh.faces, dtype=np.int64),
+            target_reduction=1.0 - target / len(mesh.faces),
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        trimesh.Trimesh(verts, faces, process=False).export(tmp, file_type="stl")
+        tmp.replace(out)  # atomic: parallel workers never read a half-written file
+    _memo[src] = str(out)
+    return str(out)
+
+
+def lighten_robot_meshes(xml: str) -> str:
+    """Point the robot's large visual meshes at decimated copies; everything else is unchanged."""
+    root = ET.fromstring(xml)
+    asset = root.find("asset")
+    changed = False
+    for mesh in asset.findall("mesh") if asset is not None else []:
+        name, file = mesh.get("name", ""), mesh.get("file")
+        if file and name.startswith(DECIMATE_PREFIXES) and Path(file).is_file():
+            new = _decimated_path(file)
+            if new != file:
+                mesh.set("file", new)
+                changed = True
+    return ET.tostring(root, encoding="unicode") if changed else xml
+
+
+class CameraRenderer:
+    """One offscreen renderer for a compiled model; draws named cameras as uint8 HxWx3 arrays.
+
+    Keep one per process (DESIGN.md: several EGL contexts in one process have been seen returning each
+    other's frames); `close()` it before making the next.
+    """
+
+    def __init__(self, model: mujoco.MjModel, height: int, width: int):
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, height)
+        model.vis.quality.offsamples = 0  # 4x multisampling doubles llvmpipe's cost per frame
+        self.model = model
+        self.height, self.width = height, width
+        self._renderer = mujoco.Renderer(model, height, width)
+        self._option = mujoco.MjvOption()
+        self._option.geomgroup[0] = 0  # collision geoms stay invisible
+        self._option.sitegroup[:] = 0  # so do robosuite's marker sites (grip site, target sites)
+        flags = self._renderer.scene.flags
+        flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self.frames_rendered = 0
+
+    def render(self, data: mujoco.MjData, camera: str) -> np.ndarray:
+        self._renderer.update_scene(data, camera=camera, scene_option=self._option)
+        self.frames_rendered += 1
+        return self._renderer.render().copy()
+
+    def close(self) -> None:
+        self._renderer.close()

@@ -1,0 +1,211 @@
+"""A robosuite table-top scene whose contents are handed in by a task.
+
+Why a subclass of robosuite's ManipulationEnv and not a hand-written MuJoCo model: the Panda model,
+its gripper, the OSC controller, the table arena, object models and placement samplers are robosuite's,
+so their behaviour matches what other robosuite benchmarks report.
+
+What this layer adds:
+- the scene (movable objects, fixtures such as a basket, a placement sampler) comes from a
+  `SceneBuilder` that a task provides; the model is rebuilt only when the builder's `key` changes
+  (`hard_reset` on demand), otherwise resets are soft (no XML recompilation);
+- robosuite never renders (`use_camera_obs=False`): images are drawn on demand by
+  `divla_eval.envs.rendering.CameraRenderer`, so an episode that consumes no image renders nothing;
+- every source of randomness at reset (object placement, robot joint noise) is drawn from one seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from divla_eval.envs import _quiet_robosuite  # noqa: F401  (must precede robosuite imports)
+from robosuite.controllers import load_composite_controller_config
+from robosuite.environments.manipulation.manipulation_env import ManipulationEnv
+from robosuite.models.arenas import TableArena
+from robosuite.models.objects import MujocoObject
+from robosuite.models.tasks import ManipulationTask
+from robosuite.utils.placement_samplers import ObjectPositionSampler
+
+from divla_eval.envs.rendering import lighten_robot_meshes
+
+TABLE_FULL_SIZE = (0.8, 1.2, 0.05)
+TABLE_OFFSET = (0.0, 0.0, 0.8)
+TABLE_TOP_Z = TABLE_OFFSET[2]
+CONTROL_FREQ = 20
+FRONT_CAMERA = "front"
+FRONT_CAMERA_POS = (0.75, 0.0, 1.5)
+FRONT_CAMERA_QUAT = (0.6395, 0.3018, 0.3018, 0.6395)  # wxyz: looks at (-0.1, 0, 0.8), the workspace centre
+WRIST_CAMERA = "robot0_eye_in_hand"
+
+
+@dataclass
+class SceneModel:
+    """What a task's builder returns: robosuite objects and how to place them."""
+
+    objects: list[MujocoObject]
+    """Free-jointed objects, placed by `placement` at every reset."""
+    fixtures: list[MujocoObject] = field(default_factory=list)
+    """Static objects (no joint) at the positions given in `fixture_positions`."""
+    fixture_positions: list[tuple[float, float, float]] = field(default_factory=list)
+    placement: ObjectPositionSampler | None = None
+
+
+class SceneBuilder(Protocol):
+    """Builds the task-specific part of the MuJoCo model."""
+
+    key: str
+    """Identifies the model: equal keys must build identical models (soft reset is then enough)."""
+
+    def build(self) -> SceneModel: ...
+
+
+class TabletopEnv(ManipulationEnv):
+    """A Panda at a table with task-provided objects; OSC end-effector control.
+
+    The action is robosuite's OSC_POSE delta (dx, dy, dz, dax, day, daz) in [-1, 1] plus the
+    gripper command (-1 open, +1 close).
+    """
+
+    def __init__(self, builder: SceneBuilder, robot: str = "Panda", horizon: int = 400):
+        self.builder = builder
+        self._built_key: str | None = None
+        self.scene: SceneModel | None = None
+        controller = load_composite_controller_config(controller="BASIC", robot=robot)
+        super().__init__(
+            robots=robot,
+            controller_configs=controller,
+            initialization_noise={"magnitude": 0.02, "type": "gaussian"},
+            use_camera_obs=False,
+            has_renderer=False,
+            has_offscreen_renderer=False,
+            control_freq=CONTROL_FREQ,
+            horizon=horizon,
+            ignore_done=True,
+            hard_reset=False,
+            camera_names=[],
+            renderer="mujoco",
+        )
+
+    # --- robosuite hooks -------------------------------------------------------------------------
+    def _load_model(self):
+        super()._load_model()
+        robot_model = self.robots[0].robot_model
+        robot_model.set_base_xpos(robot_model.base_xpos_offset["table"](TABLE_FULL_SIZE[0]))
+        arena = TableArena(table_full_size=TABLE_FULL_SIZE, table_offset=TABLE_OFFSET, has_legs=False)
+        arena.set_origin([0, 0, 0])
+        # A static camera in front of the table, looking down at the whole workspace and the robot.
+        arena.set_camera(camera_name=FRONT_CAMERA, pos=FRONT_CAMERA_POS, quat=FRONT_CAMERA_QUAT)
+        self.scene = self.builder.build()
+        for fixture, pos in zip(self.scene.fixtures, self.scene.fixture_positions, strict=True):
+            root = fixture.get_obj()
+            for joint in root.findall("joint"):
+                root.remove(joint)
+            root.set("pos", " ".join(f"{v:.5f}" for v in pos))
+        self.model = ManipulationTask(
+            mujoco_arena=arena,
+            mujoco_robots=[robot_model],
+            mujoco_objects=[*self.scene.fixtures, *self.scene.objects],
+        )
+        self._built_key = self.builder.key
+
+    def _initialize_sim(self, xml_string=None):
+        super()._initialize_sim(lighten_robot_meshes(xml_string or self.model.get_xml()))
+
+    def _setup_references(self):
+        super()._setup_references()
+        sim = self.sim
+        self.object_body_ids = [sim.model.body_name2id(o.root_body) for o in self.scene.objects]
+        self.object_joint_addrs = [sim.model.get_joint_qpos_addr(o.joints[0]) for o in self.scene.objects]
+
+    def _reset_internal(self):
+        super()._reset_internal()
+        if self.scene.placement is not None:
+            self.scene.placement.rng = self.rng
+            placements = self.scene.placement.sample()
+            for pos, quat, obj in placements.values():
+                self.sim.data.set_joint_qpos(obj.joints[0], np.concatenate([np.asarray(pos), np.asarray(quat)]))
+
+    def reward(self, action=None):  # success is judged by the task, not by robosuite's reward
+        return 0.0
+
+    # --- our API ---------------------------------------------------------------------------------
+    def reset_scene(self, builder: SceneBuilder, seed: int) -> None:
+        """Reset to `builder`'s scene with all randomness drawn from `seed`.
+
+        The MuJoCo model is recompiled only when the builder's key differs from the loaded one.
+        """
+        self.builder = builder
+        self.rng = np.random.default_rng(seed)
+        self.hard_reset = builder.key != self._built_key
+        self.reset()
+        self.hard_reset = False
+
+    def object_positions(self) -> np.ndarray:
+        return np.array([self.sim.data.body_xpos[i] for i in self.object_body_ids])
+
+    def object_quats(self) -> np.ndarray:
+        return np.array([self.sim.data.body_xquat[i] for i in self.object_body_ids])
+
+    @property
+    def eef_pos(self) -> np.ndarray:
+        return np.array(self.sim.data.site_xpos[self.robots[0].eef_site_id["right"]])
+
+    @property
+    def eef_yaw(self) -> float:
+        mat = self.sim.data.site_xmat[self.robots[0].eef_site_id["right"]].reshape(3, 3)
+        return float(np.arctan2(mat[1, 0], mat[0, 0]))
+
+    def gripper_opening(self) -> float:
+        """Finger joint positions summed: ~0.08 fully open, ~0 closed on nothing."""
+        robot = self.robots[0]
+        idx = robot._ref_gripper_joint_pos_indexes["right"]
+        return float(np.sum(np.abs(self.sim.data.qpos[idx])))
+
+    def grasping(self, obj_index: int) -> bool:
+        gripper = self.robots[0].gripper["right"]
+        return bool(self._check_grasp(gripper=gripper, object_geoms=self.scene.objects[obj_index]))
+
+    def object_geom_ids(self, obj_index: int) -> list[int]:
+        return [self.sim.model.geom_name2id(g) for g in self.scene.objects[obj_index].contact_geoms]
+
+    def object_aabb(self, obj_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """World-frame (min, max) corners of the object's collision geoms."""
+        m, d = self.sim.model._model, self.sim.data._data
+        corners = []
+        signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+        for g in self.object_geom_ids(obj_index):
+            center, half = m.geom_aabb[g, :3], m.geom_aabb[g, 3:]
+            local = center + signs * half
+            corners.append(d.geom_xpos[g] + local @ d.geom_xmat[g].reshape(3, 3).T)
+        pts = np.concatenate(corners)
+        return pts.min(axis=0), pts.max(axis=0)
+
+    def object_velocity(self, obj_index: int) -> np.ndarray:
+        """Linear velocity (world frame) of the object's free joint."""
+        jnt = self.sim.model.joint_name2id(self.scene.objects[obj_index].joints[0])
+        adr = self.sim.model._model.jnt_dofadr[jnt]
+        return np.array(self.sim.data.qvel[adr : adr + 3])
+
+    def finger_axis(self) -> np.ndarray:
+        """Unit xy vector from the right to the left finger pad: the direction the gripper closes along."""
+        gripper = self.robots[0].gripper["right"]
+        names = gripper.important_geoms
+        left = self.sim.data.geom_xpos[self.sim.model.geom_name2id(names["left_fingerpad"][0])]
+        right = self.sim.data.geom_xpos[self.sim.model.geom_name2id(names["right_fingerpad"][0])]
+        v = (left - right)[:2]
+        return v / (np.linalg.norm(v) + 1e-9)
+
+    def eef_rotation(self) -> np.ndarray:
+        return np.array(self.sim.data.site_xmat[self.robots[0].eef_site_id["right"]].reshape(3, 3))
+
+    def proprio(self) -> np.ndarray:
+        """End-effector position (3), quaternion (4), gripper finger positions (2)."""
+        robot = self.robots[0]
+        site = robot.eef_site_id["right"]
+        from robosuite.utils.transform_utils import mat2quat
+
+        quat = mat2quat(self.sim.data.site_xmat[site].reshape(3, 3))
+        fingers = self.sim.data.qpos[robot._ref_gripper_joint_pos_indexes["right"]]
+        return np.concatenate([self.sim.data.site_xpos[site], quat, fingers]).astype(np.float32)

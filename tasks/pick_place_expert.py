@@ -1,0 +1,137 @@
+"""A privileged top-down pick-and-place controller shared by the tasks' scripted experts.
+
+It reads the simulator state (object pose, extents and grasp hint) and drives robosuite's OSC_POSE
+delta controller through phases: align above the object, descend, close, lift, carry above the goal,
+lower, open, retreat. Each phase change is where the reasoning phrase changes. A failed grasp (the
+object is not between the fingers after lifting) sends it back to the first phase, at most
+`max_retries` times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from divla_eval.envs.tabletop import TABLE_TOP_Z
+
+POS_SCALE = 0.05  # metres per unit action (robosuite OSC_POSE default output_max)
+ROT_SCALE = 0.5  # radians per unit action
+SAFE_Z = TABLE_TOP_Z + 0.20
+FINGER_DEPTH = 0.025  # how far below an object's top the finger pads may reach
+
+
+def _wrap(a: float) -> float:
+    return (a + np.pi) % (2 * np.pi) - np.pi
+
+
+@dataclass
+class PickPlaceExpert:
+    obj_index: int
+    goal_xy: tuple[float, float]
+    release_z: float
+    """Height of the gripper when it opens above the goal."""
+    max_retries: int = 2
+    phase: str = "approach"
+    retries: int = 0
+    _phase_steps: int = 0
+    _grasp_yaw: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    # --- geometry ---------------------------------------------------------------------------------
+    def _grasp_target(self, env) -> tuple[np.ndarray, float]:
+        """World grasp point and the gripper yaw that closes the fingers along the object's grasp axis."""
+        obj = env.scene.objects[self.obj_index]
+        hint = obj.grasp_hint
+        body = env.object_body_ids[self.obj_index]
+        rot = np.array(env.sim.data.body_xmat[body]).reshape(3, 3)
+        pos = np.array(env.sim.data.body_xpos[body]) + rot @ np.asarray(hint.offset)
+        lo, hi = env.object_aabb(self.obj_index)
+        axis = hint.close_axis
+        if axis is None:  # close along the shorter horizontal extent of the object (in its own frame)
+            ext = [np.ptp((rot.T @ (np.array([lo, hi]) - pos).T).T[:, i]) for i in range(2)]
+            axis = "x" if ext[0] < ext[1] else "y"
+        close_dir = rot[:2, 0 if axis == "x" else 1]
+        z = max(pos[2], hi[2] - FINGER_DEPTH, TABLE_TOP_Z + 0.012)
+        return np.array([pos[0], pos[1], z]), float(np.arctan2(close_dir[1], close_dir[0]))
+
+    def _action(self, env, target: np.ndarray, yaw: float | None, grip: float, gain: float = 1.0) -> np.ndarray:
+        act = np.zeros(7)
+        act[:3] = np.clip(gain * (target - env.eef_pos) / POS_SCALE, -1, 1)
+        # Keep the gripper pointing straight down; rotate about z so the fingers close along `yaw`.
+        rot = env.eef_rotation()
+        down_err = np.cross(rot[:, 2], np.array([0.0, 0.0, -1.0]))
+        act[3:5] = np.clip(down_err[:2] * 2.0 / ROT_SCALE, -1, 1)
+        if yaw is not None:
+            axis = env.finger_axis()
+            err = _wrap(yaw - np.arctan2(axis[1], axis[0]))
+            err = _wrap(err + np.pi) if abs(err) > np.pi / 2 else err  # fingers are symmetric
+            act[5] = np.clip(err / ROT_SCALE, -1, 1)
+        act[6] = grip
+        return act
+
+    def _next(self, phase: str) -> None:
+        self.phase, self._phase_steps = phase, 0
+
+    # --- the state machine --------------------------------------------------------------------------
+    def act(self, env) -> np.ndarray:
+        self._phase_steps += 1
+        eef = env.eef_pos
+        grasp, yaw = self._grasp_target(env)
+        if self.phase == "approach":
+            self._grasp_yaw = yaw
+            above = grasp + np.array([0, 0, 0.10])
+            a = self._action(env, above, yaw, -1.0)
+            axis = env.finger_axis()
+            yaw_err = abs(_wrap(2 * (yaw - np.arctan2(axis[1], axis[0])))) / 2
+            if (np.linalg.norm(above - eef) < 0.015 and yaw_err < 0.05) or self._phase_steps > 80:
+                self._next("descend")
+            return a
+        if self.phase == "descend":
+            a = self._action(env, grasp, self._grasp_yaw, -1.0)
+            if np.linalg.norm(grasp - eef) < 0.008 or self._phase_steps > 50:
+                self._next("close")
+            return a
+        if self.phase == "close":
+            a = self._action(env, grasp, None, 1.0)
+            if self._phase_steps > 12:
+                self._next("lift")
+            return a
+        if self.phase == "lift":
+            target = np.array([eef[0], eef[1], SAFE_Z])
+            a = self._action(env, target, None, 1.0)
+            if eef[2] > SAFE_Z - 0.03 or self._phase_steps > 40:
+                if env.grasping(self.obj_index):
+                    self._next("carry")
+                elif self.retries < self.max_retries:
+                    self.retries += 1
+                    self._next("approach")
+                else:
+                    self._next("done")
+            return a
+        if self.phase == "carry":
+            target = np.array([self.goal_xy[0], self.goal_xy[1], SAFE_Z])
+            a = self._action(env, target, None, 1.0, gain=1.5)
+            if np.linalg.norm((target - eef)[:2]) < 0.02 or self._phase_steps > 80:
+                self._next("lower")
+            return a
+        if self.phase == "lower":
+            target = np.array([self.goal_xy[0], self.goal_xy[1], self.release_z])
+            a = self._action(env, target, None, 1.0)
+            if abs(target[2] - eef[2]) < 0.015 or self._phase_steps > 40:
+                self._next("release")
+            return a
+        if self.phase == "release":
+            a = self._action(env, np.array([self.goal_xy[0], self.goal_xy[1], self.release_z]), None, -1.0)
+            if self._phase_steps > 10:
+                self._next("retreat")
+            return a
+        if self.phase == "retreat":
+            target = np.array([self.goal_xy[0], self.goal_xy[1], SAFE_Z])
+            if self._phase_steps > 20:
+                self._next("done")
+            return self._action(env, target, None, -1.0)
+        return self._action(env, eef, None, -1.0)  # done: hold still, gripper open

@@ -1,0 +1,160 @@
+"""Wilson intervals, success tables and the markdown/PNG report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from divla_eval.errors import DivlaEvalError
+from divla_eval.metrics import (
+    failure_modes,
+    per_object_table,
+    perturbation_label,
+    records_frame,
+    success_table,
+    wilson_interval,
+)
+from divla_eval.records import EpisodeRecord, EpisodeStore, write_manifest
+from divla_eval.report import markdown_table, write_report
+
+
+def rec(
+    i: int,
+    *,
+    success: bool,
+    status: str = "ok",
+    obj: str = "apple",
+    perturbations: list | None = None,
+    failure_mode: str | None = None,
+    policy: str = "random",
+) -> EpisodeRecord:
+    return EpisodeRecord(
+        run_id="r1",
+        task="bin_picking",
+        task_version="1",
+        split="seen",
+        difficulty=None,
+        episode_index=i,
+        episode_key=f"k{i}-{policy}",
+        seed=i,
+        object_ids=[obj, "bin"],
+        instruction="pick it",
+        perturbations=perturbations or [],
+        policy=policy,
+        checkpoint_hash=None,
+        success=success,
+        partial_score=1.0 if success else 0.2,
+        failure_mode=failure_mode,
+        steps=50,
+        wall_time_s=2.0,
+        latency_ms={"n": 5, "mean": 4.0, "p50": 4.0, "p95": 6.0} if status == "ok" else {},
+        reasoning_trace=[],
+        status=status,
+        error="Traceback ...\nRuntimeError: boom" if status == "error" else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "low", "high"),
+    [(0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0), (5, 10, 0.2366, 0.7634), (0, 0, 0.0, 1.0)],
+)
+def test_wilson_interval_known_values(successes: int, n: int, low: float, high: float) -> None:
+    lo, hi = wilson_interval(successes, n)
+    assert lo == pytest.approx(low, abs=1e-3) and hi == pytest.approx(high, abs=1e-3)
+
+
+def test_wilson_interval_rejects_impossible_counts() -> None:
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_perturbation_label_is_order_independent() -> None:
+    assert perturbation_label([]) == "none"
+    a = [{"name": "lighting", "level": 2}, {"name": "distractors", "level": 1.0}]
+    assert perturbation_label(a) == perturbation_label(a[::-1]) == "distractors:1+lighting:2"
+
+
+def test_records_frame_columns() -> None:
+    df = records_frame([rec(0, success=True, perturbations=[{"name": "lighting", "level": 2}])])
+    row = df.iloc[0]
+    assert (row["object_id"], row["perturbation"], row["latency_mean_ms"]) == ("apple", "lighting:2", 4.0)
+    assert len(records_frame([])) == 0 and "success" in records_frame([]).columns
+
+
+def test_success_table_counts_errors_as_failures() -> None:
+    records = [
+        rec(0, success=True),
+        rec(1, success=False, failure_mode="missed_grasp"),
+        rec(2, success=True, status="error"),  # a success flag on an errored episode must not count
+        rec(3, success=False, status="error"),
+        rec(4, success=True, policy="expert"),
+    ]
+    table = success_table(records_frame(records), ["task", "policy"]).set_index("policy")
+    r = table.loc["random"]
+    assert (r["n"], r["successes"], r["errors"]) == (4, 1, 2)
+    assert r["success_rate"] == pytest.approx(0.25)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(wilson_interval(1, 4))
+    assert table.loc["expert", "success_rate"] == 1.0
+    overall = success_table(records_frame(records), [])
+    assert overall.loc[0, "n"] == 5 and overall.loc[0, "successes"] == 2
+
+
+def test_success_table_keeps_missing_difficulty_groups() -> None:
+    df = records_frame([rec(0, success=True), rec(1, success=False)])
+    table = success_table(df, ["difficulty"])
+    assert table["n"].tolist() == [2]  # None difficulty must not be dropped by groupby
+
+
+def test_failure_modes_and_per_object() -> None:
+    records = [
+        rec(0, success=False, failure_mode="missed_grasp"),
+        rec(1, success=False, failure_mode="missed_grasp", obj="cup"),
+        rec(2, success=False, status="error"),
+        rec(3, success=True, obj="cup"),
+    ]
+    df = records_frame(records)
+    modes = failure_modes(df, ["policy"])
+    assert dict(zip(modes["failure_mode"], modes["count"])) == {"missed_grasp": 2, "error": 1}
+    assert modes.loc[modes["failure_mode"] == "missed_grasp", "share"].item() == pytest.approx(0.5)
+    objects = per_object_table(df).set_index("object_id")
+    assert objects.loc["cup", "n"] == 2 and objects.loc["cup", "success_rate"] == 0.5
+    assert objects.loc["apple", "errors"] == 1
+
+
+def test_markdown_table_escapes_pipes() -> None:
+    df = records_frame([rec(0, success=True, obj="a|b")])[["object_id", "steps"]]
+    text = markdown_table(df)
+    assert text.splitlines() == ["| object_id | steps |", "|:---|---:|", "| a\\|b | 50 |"]
+
+
+def test_write_report(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_manifest(run_dir, {"seed": 0, "tasks": ["bin_picking"]}, {"environment": {"git_commit": "abc123"}})
+    store = EpisodeStore(run_dir / "episodes.jsonl")
+    for r in [
+        rec(0, success=True),
+        rec(1, success=False, failure_mode="missed_grasp", obj="cup"),
+        rec(2, success=True, obj="cup", perturbations=[{"name": "lighting", "level": 2}]),
+        rec(3, success=False, status="error", perturbations=[{"name": "lighting", "level": 2}]),
+    ]:
+        store.append(r)
+    report = write_report(run_dir)
+    assert report == run_dir / "report.md"
+    text = report.read_text()
+    assert "50.0%" in text  # 1/2 for the 'none' group and for the lighting group (the error is a failure)
+    assert "| bin_picking | seen | lighting:2 | random | 2 | 1 | 50.0% |" in text
+    assert "seed: `0`" in text and "abc123" in text
+    assert "missed_grasp" in text and "## Per object" in text and "RuntimeError: boom" in text
+    png = run_dir / "success.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_report_errors_are_user_facing(tmp_path: Path) -> None:
+    with pytest.raises(DivlaEvalError, match="does not exist"):
+        write_report(tmp_path / "missing")
+    with pytest.raises(DivlaEvalError, match="no episodes.jsonl"):
+        write_report(tmp_path)
+    (tmp_path / "episodes.jsonl").write_text("")
+    with pytest.raises(DivlaEvalError, match="no finished episodes"):
+        write_report(tmp_path)
