@@ -1,1 +1,13 @@
-"""Simulation layer: robosuite scenes, the object library, rendering and the gymnasium wrapper."""
+"""Simulation layer: robosuite scenes, the object library, rendering and the gymnasium wrapper.
+
+Importing this package registers the gymnasium ids `divla_eval/BinPicking-v0` (lazily: nothing from
+robosuite is imported until an env is made).
+"""
+
+import gymnasium as gym
+
+ENV_IDS = {"divla_eval/BinPicking-v0": "bin_picking"}
+
+for _env_id, _task in ENV_IDS.items():
+    if _env_id not in gym.registry:
+        gym.register(id=_env_id, entry_point="divla_eval.envs.gym_env:DivlaEnv", kwargs={"task": _task})

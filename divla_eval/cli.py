@@ -1,0 +1,153 @@
+"""`divla-eval`: run | list | report.
+
+Every mistake a user can make on the command line ends in one line on stderr,
+`divla-eval: error: <what is wrong and the valid choices>`, and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from divla_eval.errors import DivlaEvalError
+
+EXIT_USAGE = 2
+LIST_KINDS = ("tasks", "policies", "perturbations", "objects")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"divla-eval: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _perturbation(text: str) -> tuple[str, int]:
+    name, _, level = text.partition(":")
+    try:
+        return name, int(level or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME[:LEVEL] with an integer level, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="divla-eval", description="Simulation benchmark for vision-language-action policies.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="evaluate a policy on a task")
+    run.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
+    run.add_argument("--objects", "--split", dest="split", default="unseen", help="object split, e.g. seen|unseen")
+    run.add_argument("--policy", default=None, help="registered policy (default: scripted, until a model ships)")
+    run.add_argument("--checkpoint", default=None, help="checkpoint directory for a learned policy")
+    run.add_argument("--episodes", type=_positive_int, default=None, help="episodes (default: task's own)")
+    run.add_argument("--seed", type=int, default=0, help="run seed; every episode's seeds derive from it")
+    run.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
+    run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<task>-<split>-...)")
+    run.add_argument("--video", action="store_true", help="write an mp4 of the front camera per episode")
+    run.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
+    run.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    lst = sub.add_parser("list", help="list registered tasks, policies, perturbations or objects")
+    lst.add_argument("kind", choices=LIST_KINDS)
+    lst.add_argument("--objects", "--split", dest="split", default=None, help="object split (for `objects`)")
+
+    rep = sub.add_parser("report", help="write report.md and plots for a run directory")
+    rep.add_argument("run_dir", type=Path)
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from divla_eval.metrics import wilson_interval
+    from divla_eval.runner import RunConfig, run, validate
+
+    cfg = RunConfig(
+        task=args.task,
+        split=args.split,
+        policy=args.policy or "scripted",
+        episodes=args.episodes,
+        seed=args.seed,
+        perturbations=tuple(args.perturb),
+        checkpoint=args.checkpoint,
+        image_size=args.image_size,
+        max_steps=args.max_steps,
+    )
+    validate(cfg)
+    if args.policy is None:
+        print("note: no trained model ships yet; evaluating the scripted expert (--policy scripted)", file=sys.stderr)
+    out = args.out or Path("runs") / f"{cfg.task}-{cfg.split}-{cfg.policy}-seed{cfg.seed}"
+    try:
+        summary = run(cfg, out, progress=not args.no_progress, video=args.video)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished episodes are saved in {out}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    n = len(summary.records)
+    k = sum(r.success for r in summary.records)
+    lo, hi = wilson_interval(k, n)
+    print(
+        f"{cfg.task} [{cfg.split}] policy={cfg.policy}: success {k}/{n} = {k / n:.1%} "
+        f"(95% CI {lo:.1%}-{hi:.1%}); ran {summary.ran}, resumed past {summary.skipped}, errors {summary.errors}"
+    )
+    print(f"results: {out / 'episodes.jsonl'}  (report: divla-eval report {out})")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    if args.kind == "tasks":
+        from divla_eval.tasks import TASKS
+
+        rows = TASKS.describe()
+    elif args.kind == "policies":
+        from divla_eval.policy import POLICIES
+
+        rows = POLICIES.describe()
+    elif args.kind == "perturbations":
+        from divla_eval.envs.perturbations import PERTURBATIONS
+
+        rows = PERTURBATIONS.describe()
+        if not rows:
+            print("(no perturbations registered yet)")
+    else:
+        from divla_eval.envs.objects import SPLITS, objects
+
+        splits = [args.split] if args.split else list(SPLITS)
+        for split in splits:
+            objs = objects(split)
+            print(f"# {split}: {len(objs)} objects")
+            for o in objs:
+                print(f"{o.id:24s} {o.category:9s} {o.name}")
+        return 0
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, description in rows:
+        print(f"{name:{width}s}  {description}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from divla_eval.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": _cmd_run, "list": _cmd_list, "report": _cmd_report}[args.command](args)
+    except DivlaEvalError as exc:
+        print(f"divla-eval: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

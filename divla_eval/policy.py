@@ -1,0 +1,110 @@
+"""The Policy protocol, the two reference policies (scripted expert, random) and the policy registry.
+
+A policy sees an `Observation` (camera images, proprioception, instruction, embodiment) and returns an
+`ActionChunk` of H actions plus optional reasoning text. How many of those actions are executed before
+the next call is the runner's business (`execute_steps`), identical for every policy.
+
+The scripted expert is the one declared exception to "a policy never sees simulator state": it is a
+privileged upper bound, bound to the live episode by the runner through `bind`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from divla_eval.registry import Registry
+
+
+@dataclass
+class Observation:
+    images: dict[str, np.ndarray]
+    """Camera name -> uint8 HxWx3 image (upright). Empty for policies that declare no cameras."""
+    proprio: np.ndarray
+    instruction: str
+    embodiment: str = "panda"
+
+
+@dataclass
+class ActionChunk:
+    actions: np.ndarray
+    """[H, action_dim] actions; the runner executes the first `execute_steps` of them."""
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True)
+class PolicyMetadata:
+    name: str
+    cameras: tuple[str, ...] = ()
+    """Cameras this policy reads; none means the runner renders nothing for it."""
+    execute_steps: int = 1
+    """Actions executed from each chunk before the next call (replanning period)."""
+    checkpoint_hash: str | None = None
+    privileged: bool = False
+
+
+@runtime_checkable
+class Policy(Protocol):
+    metadata: PolicyMetadata
+
+    def reset(self, instruction: str, seed: int) -> None: ...
+
+    def infer(self, obs: Observation) -> ActionChunk: ...
+
+
+class RandomPolicy:
+    """Uniform random actions in the controller's [-1, 1] box: the lower bound."""
+
+    def __init__(self, action_dim: int = 7, chunk: int = 1):
+        self.action_dim = action_dim
+        self.chunk = chunk
+        self.metadata = PolicyMetadata(name="random", execute_steps=chunk)
+        self._rng = np.random.default_rng(0)
+
+    def reset(self, instruction: str, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def infer(self, obs: Observation) -> ActionChunk:
+        return ActionChunk(actions=self._rng.uniform(-1.0, 1.0, size=(self.chunk, self.action_dim)))
+
+
+class ScriptedPolicy:
+    """The task's privileged scripted expert, behind the Policy protocol: the upper bound."""
+
+    metadata = PolicyMetadata(name="scripted", execute_steps=1, privileged=True)
+
+    def __init__(self):
+        self._env = None
+        self._episode = None
+
+    def bind(self, env, episode) -> None:
+        """Give the expert the live simulator and task episode (the runner does this at each reset)."""
+        self._env, self._episode = env, episode
+
+    def reset(self, instruction: str, seed: int) -> None:
+        pass
+
+    def infer(self, obs: Observation) -> ActionChunk:
+        if self._episode is None:
+            raise RuntimeError("ScriptedPolicy.infer called before bind(env, episode)")
+        out = self._episode.expert(self._env)
+        return ActionChunk(actions=out.action[None, :], reasoning=out.reasoning)
+
+
+POLICIES: Registry = Registry("policy")
+POLICIES.register("scripted", ScriptedPolicy, description="privileged scripted expert (upper bound)")
+POLICIES.register("random", RandomPolicy, description="uniform random actions (lower bound)")
+
+
+def make_policy(name: str, checkpoint: str | None = None) -> Policy:
+    """Build a registered policy; `checkpoint` is refused by policies that have no weights."""
+    from divla_eval.errors import DivlaEvalError
+
+    factory = POLICIES.get(name)
+    if checkpoint is not None:
+        if not hasattr(factory, "from_pretrained"):
+            raise DivlaEvalError(f"policy {name!r} takes no checkpoint (got --checkpoint {checkpoint})")
+        return factory.from_pretrained(checkpoint)
+    return factory()

@@ -1,0 +1,282 @@
+"""Runs policies on planned episodes and writes one JSONL record per finished episode.
+
+The plan is a pure function of the run config: episode i of (task, split, difficulty, perturbations)
+always gets the same scene and policy-noise seeds. Rerunning into the same directory skips episodes
+already recorded, so an interrupted run resumes without duplicates. A policy exception or simulator
+fault marks that episode `error` (counted as a failure, with its traceback) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from divla_eval.errors import DivlaEvalError
+from divla_eval.records import (
+    EpisodeRecord,
+    EpisodeStore,
+    check_manifest_compatible,
+    environment_info,
+    read_manifest,
+    write_manifest,
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str = "bin_picking"
+    split: str = "unseen"
+    policy: str = "scripted"
+    episodes: int | None = None
+    """None: the task's natural count (for bin picking, one episode per object of the split)."""
+    seed: int = 0
+    difficulty: str | None = None
+    perturbations: tuple[tuple[str, int], ...] = ()
+    checkpoint: str | None = None
+    image_size: int = 84
+    max_steps: int | None = None
+    task_options: dict = field(default_factory=dict)
+
+    def resolved_episodes(self) -> int:
+        if self.episodes is not None:
+            return self.episodes
+        if self.task == "bin_picking":
+            from divla_eval.envs.objects import objects
+
+            return len(objects(self.split))
+        return 50
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["episodes"] = self.resolved_episodes()
+        d["perturbations"] = [list(p) for p in self.perturbations]
+        return d
+
+
+def plan_episodes(cfg: RunConfig):
+    from divla_eval.tasks.base import EpisodeSpec
+
+    return [
+        EpisodeSpec(cfg.task, cfg.split, i, cfg.seed, cfg.difficulty, cfg.perturbations)
+        for i in range(cfg.resolved_episodes())
+    ]
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check names and values before anything heavy is imported or any file is written."""
+    from divla_eval.envs.perturbations import PERTURBATIONS
+    from divla_eval.policy import POLICIES
+    from divla_eval.tasks import get_task
+
+    get_task(cfg.task, **cfg.task_options).validate(cfg.split, cfg.difficulty)
+    POLICIES.check_name(cfg.policy)
+    for name, _level in cfg.perturbations:
+        PERTURBATIONS.check_name(name)
+    if cfg.episodes is not None and cfg.episodes <= 0:
+        raise DivlaEvalError(f"--episodes must be a positive integer, got {cfg.episodes}")
+    if cfg.image_size < 16:
+        raise DivlaEvalError(f"--image-size must be at least 16, got {cfg.image_size}")
+
+
+def _latency_stats(latencies: list[float]) -> dict:
+    if not latencies:
+        return {}
+    arr = np.array(latencies) * 1000.0
+    return {
+        "n": len(arr),
+        "mean": float(arr.mean()),
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+    }
+
+
+def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
+    """Run one episode; returns the outcome fields of its record (no I/O but the optional video)."""
+    from divla_eval.policy import Observation
+
+    env.reset(options={"episode": spec})
+    episode = env.episode
+    policy.reset(episode.instruction, spec.seed("policy"))
+    if policy.metadata.privileged:
+        policy.bind(env.sim, episode)
+    cams = policy.metadata.cameras
+    k = max(1, policy.metadata.execute_steps)
+    latencies: list[float] = []
+    reasoning: list[dict] = []
+    frames: list[np.ndarray] = []
+    chunk, j = None, 0
+    info = {"success": False, "partial_score": 0.0}
+    terminated = truncated = False
+    while not (terminated or truncated):
+        if chunk is None or j >= min(k, len(chunk.actions)):
+            obs = env.observe(cameras=cams)
+            images = {c: obs[c] for c in cams}
+            t0 = time.perf_counter()
+            chunk = policy.infer(Observation(images, obs["proprio"], obs["instruction"]))
+            latencies.append(time.perf_counter() - t0)
+            j = 0
+            if chunk.reasoning is not None and (not reasoning or reasoning[-1]["text"] != chunk.reasoning):
+                reasoning.append({"step": env.steps, "text": chunk.reasoning})
+        terminated, truncated, info = env.advance(chunk.actions[j])
+        j += 1
+        if video_path is not None:
+            frames.append(env.camera_image("front"))
+    if video_path is not None:
+        _write_video(video_path, frames)
+    return {
+        "success": bool(info["success"]),
+        "partial_score": float(info["partial_score"]),
+        "failure_mode": None if info["success"] else episode.failure_mode(env.sim),
+        "steps": env.steps,
+        "latency_ms": _latency_stats(latencies),
+        "reasoning_trace": reasoning,
+        "object_ids": list(episode.object_ids),
+        "instruction": episode.instruction,
+    }
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
+    import cv2
+
+    if not frames:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    planned: int
+    skipped: int
+    ran: int
+    successes: int
+    errors: int
+    records: list[EpisodeRecord]
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Create `run_dir` (or check that it belongs to this config) and write its manifest."""
+    from divla_eval.envs.objects import library_hash
+    from divla_eval.tasks import get_task
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise DivlaEvalError(f"cannot write to output directory {run_dir}: {exc.strerror or exc}") from None
+    check_manifest_compatible(run_dir, cfg.as_dict())
+    if read_manifest(run_dir) is None:
+        task = get_task(cfg.task, **cfg.task_options)
+        extra = {
+            "run_id": uuid.uuid4().hex[:12],
+            "task_version": task.version,
+            "object_library_hash": library_hash(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **environment_info(),
+        }
+        write_manifest(run_dir, cfg.as_dict(), extra)
+
+
+def run(cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = False) -> RunSummary:
+    """Run (or resume) every planned episode of `cfg`, appending records to run_dir/episodes.jsonl."""
+    from tqdm import tqdm
+
+    from divla_eval.envs.gym_env import DivlaEnv
+    from divla_eval.policy import make_policy
+    from divla_eval.tasks import get_task
+
+    validate(cfg)
+    prepare_run_dir(cfg, run_dir)
+    manifest = read_manifest(run_dir)
+    store = EpisodeStore(run_dir / "episodes.jsonl")
+    existing = store.load()
+    done = {r.episode_key for r in existing}
+    plan = plan_episodes(cfg)
+    todo = [s for s in plan if s.key not in done]
+    task = get_task(cfg.task, **cfg.task_options)
+    policy = make_policy(cfg.policy, cfg.checkpoint)
+
+    def make_env():
+        return DivlaEnv(
+            task=cfg.task,
+            split=cfg.split,
+            cameras=tuple(policy.metadata.cameras),
+            image_size=cfg.image_size,
+            max_steps=cfg.max_steps,
+            task_options=cfg.task_options,
+            run_seed=cfg.seed,
+        )
+
+    env = make_env()
+    new_records: list[EpisodeRecord] = []
+    successes = sum(r.success for r in existing)
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, unit="ep", desc=cfg.task)
+    try:
+        for spec in todo:
+            t0 = time.perf_counter()
+            video_path = run_dir / "videos" / (spec.key.replace("/", "__") + ".mp4") if video else None
+            try:
+                outcome = run_episode(env, spec, policy, video_path)
+                status, error = "ok", None
+            except Exception:  # a policy or simulator fault fails this episode, not the run
+                status, error = "error", traceback.format_exc()
+                episode = env.episode
+                outcome = {
+                    "success": False,
+                    "partial_score": 0.0,
+                    "failure_mode": "error",
+                    "steps": env.steps,
+                    "latency_ms": {},
+                    "reasoning_trace": [],
+                    "object_ids": list(episode.object_ids) if episode else [],
+                    "instruction": episode.instruction if episode else "",
+                }
+                env.close()
+                env = make_env()  # the old simulator may be in a broken state
+            record = EpisodeRecord(
+                run_id=manifest["run_id"],
+                task=cfg.task,
+                task_version=task.version,
+                split=cfg.split,
+                difficulty=cfg.difficulty,
+                episode_index=spec.episode_index,
+                episode_key=spec.key,
+                seed=spec.seed("scene"),
+                perturbations=[{"name": n, "level": lvl} for n, lvl in spec.perturbations],
+                policy=cfg.policy,
+                checkpoint_hash=policy.metadata.checkpoint_hash,
+                wall_time_s=time.perf_counter() - t0,
+                status=status,
+                error=error,
+                **outcome,
+            )
+            store.append(record)
+            new_records.append(record)
+            successes += record.success
+            bar.update(1)
+            bar.set_postfix(success=f"{successes / bar.n:.0%}")
+    finally:
+        bar.close()
+        env.close()
+    return RunSummary(
+        run_dir=run_dir,
+        planned=len(plan),
+        skipped=len(plan) - len(todo),
+        ran=len(new_records),
+        successes=successes,
+        errors=sum(r.status == "error" for r in new_records),
+        records=existing + new_records,
+    )
