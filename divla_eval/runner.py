@@ -185,7 +185,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
             "task_version": task.version,
             "object_library_hash": library_hash(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **environment_info(),
+            **environment_info(Path(__file__).resolve().parent),  # the harness's own git revision
         }
         write_manifest(run_dir, cfg.as_dict(), extra)
 
@@ -267,7 +267,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = Fals
             new_records.append(record)
             successes += record.success
             bar.update(1)
-            bar.set_postfix(success=f"{successes / bar.n:.0%}")
+            bar.set_postfix(success=f"{successes / (len(existing) + len(new_records)):.0%}")
     finally:
         bar.close()
         env.close()

@@ -58,7 +58,7 @@ class DivlaEnv(gym.Env):
         self.render_mode = render_mode
         self.run_seed = run_seed
         obs_spaces = {c: spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8) for c in self.cameras}
-        obs_spaces["proprio"] = spaces.Box(-np.inf, np.inf, (PROPRIO_DIM,), np.float32)
+        obs_spaces["proprio"] = spaces.Box(-10.0, 10.0, (PROPRIO_DIM,), np.float32)  # metres, unit quat
         obs_spaces["instruction"] = spaces.Text(max_length=256, charset=INSTRUCTION_CHARSET)
         self.observation_space = spaces.Dict(obs_spaces)
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
@@ -67,6 +67,7 @@ class DivlaEnv(gym.Env):
         self.steps = 0
         self._renderer = None
         self._renderer_model = None
+        self.frames_rendered = 0
 
     # --- gymnasium API --------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -136,11 +137,8 @@ class DivlaEnv(gym.Env):
                 self._renderer.close()  # one renderer per process: close before making the next
             self._renderer = CameraRenderer(model, self.image_size, self.image_size)
             self._renderer_model = model
+        self.frames_rendered += 1
         return self._renderer.render(self.sim.sim.data._data, CAMERAS[camera])
-
-    @property
-    def frames_rendered(self) -> int:
-        return 0 if self._renderer is None else self._renderer.frames_rendered
 
     def get_state(self) -> np.ndarray:
         """Flattened MuJoCo state (time, qpos, qvel) of the current episode's scene."""

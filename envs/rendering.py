@@ -107,11 +107,9 @@ class CameraRenderer:
         flags = self._renderer.scene.flags
         flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-        self.frames_rendered = 0
 
     def render(self, data: mujoco.MjData, camera: str) -> np.ndarray:
         self._renderer.update_scene(data, camera=camera, scene_option=self._option)
-        self.frames_rendered += 1
         return self._renderer.render().copy()
 
     def close(self) -> None:

@@ -24,8 +24,8 @@ from divla_eval.tasks.base import EpisodeSpec, Evaluation, ExpertAction, Task, T
 
 BASKET_POS = (0.0, 0.24, 0.0)  # x, y on the table; z filled in at build time
 BASKET_SIZE = (0.24, 0.28, 0.09)  # full outer size x, y, z
-PANEL_CENTER = (0.0, -0.22)
-PANEL_HALF = (0.12, 0.13)
+PANEL_CENTER = (0.0, -0.2)
+PANEL_HALF = (0.14, 0.16)
 WALL = 0.01
 FAILURE_MODES = ("no_grasp", "dropped", "outside_basket", "timeout")
 
@@ -60,8 +60,8 @@ class _Builder:
         sampler = UniformRandomSampler(
             name="panel_sampler",
             mujoco_objects=objs,
-            x_range=(-PANEL_HALF[0] + 0.04, PANEL_HALF[0] - 0.04),
-            y_range=(-PANEL_HALF[1] + 0.04, PANEL_HALF[1] - 0.04),
+            x_range=(-PANEL_HALF[0] + 0.03, PANEL_HALF[0] - 0.03),
+            y_range=(-PANEL_HALF[1] + 0.03, PANEL_HALF[1] - 0.03),
             rotation=None,
             rotation_axis="z",
             ensure_object_boundary_in_range=False,

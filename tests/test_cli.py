@@ -1,0 +1,67 @@
+"""CLI: bad input ends in one line on stderr and exit code 2, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from divla_eval.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "--task", "bin_pickng"], "did you mean 'bin_picking'"),
+        (["run", "--policy", "nope"], "valid: random, scripted"),
+        (["run", "--objects", "weird"], "valid: seen, unseen"),
+        (["run", "--episodes", "0"], "positive integer"),
+        (["run", "--episodes", "-3"], "positive integer"),
+        (["run", "--perturb", "fog:2"], "unknown perturbation 'fog'"),
+        (["list", "gadgets"], "invalid choice"),
+        (["list", "objects", "--split", "nope"], "valid: seen, unseen"),
+        (["report", "/nonexistent/run"], "/nonexistent/run"),
+        (["run", "--policy", "random", "--checkpoint", "ckpt"], "takes no checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("divla-eval: error:"), err
+    assert needle in err[0]
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["run", "--policy", "random", "--episodes", "1", "--out", str(blocker / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write to output directory" in err
+
+
+def test_run_dir_from_a_different_config(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["run", "--policy", "random", "--episodes", "1", "--max-steps", "5", "--out", out, "--no-progress"]) == 0
+    code = main(["run", "--policy", "random", "--episodes", "1", "--max-steps", "5", "--out", out, "--seed", "7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different config" in err and "seed" in err
+
+
+def test_list_objects_prints_the_102_unseen(capsys):
+    assert main(["list", "objects", "--split", "unseen"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "# unseen: 102 objects" and len(out) == 103
+
+
+def test_console_script_end_to_end_with_report(tmp_path):
+    out = tmp_path / "run"
+    cmd = ["divla-eval", "run", "--episodes", "2", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "scripted expert" in proc.stderr  # says which policy it defaulted to
+    assert "success 2/2" in proc.stdout
+    proc = subprocess.run(["divla-eval", "report", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.md").read_text().count("bin_picking") >= 1
+    assert (out / "success.png").stat().st_size > 1000

@@ -1,0 +1,96 @@
+"""Runner: records, resume without duplicates, errors recorded and the run continues, determinism."""
+
+import json
+
+import pytest
+
+from divla_eval import runner
+from divla_eval.policy import POLICIES, ActionChunk, PolicyMetadata
+from divla_eval.records import EpisodeStore
+from divla_eval.runner import RunConfig, run
+
+
+def _cfg(**kw):
+    base = dict(task="bin_picking", split="unseen", policy="random", episodes=3, seed=0, max_steps=20)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_run_writes_one_record_per_episode_and_manifest(tmp_path):
+    summary = run(_cfg(), tmp_path, progress=False)
+    records = EpisodeStore(tmp_path / "episodes.jsonl").load()
+    assert summary.ran == 3 and len(records) == 3
+    assert [r.episode_index for r in records] == [0, 1, 2]
+    assert all(r.status == "ok" and r.steps == 20 and not r.success for r in records)
+    assert all(r.failure_mode in ("no_grasp", "dropped", "outside_basket", "timeout") for r in records)
+    assert records[0].object_ids[0] == "unseen-toy_car-00"
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == 0 and manifest["object_library_hash"]
+    assert manifest["packages"]["mujoco"] == "3.9.0" and manifest["packages"]["robosuite"] == "1.5.2"
+    assert manifest["task_version"] == "1" and manifest["run_id"] == records[0].run_id
+
+
+def test_interrupted_run_resumes_to_exactly_n_records(tmp_path, monkeypatch):
+    real = runner.run_episode
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_episode", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(episodes=4), tmp_path, progress=False)
+    assert len(EpisodeStore(tmp_path / "episodes.jsonl").load()) == 2
+    # a torn last line, as a kill during the write would leave
+    with open(tmp_path / "episodes.jsonl", "a") as f:
+        f.write('{"run_id": "trunc')
+    monkeypatch.setattr(runner, "run_episode", real)
+    with pytest.warns(UserWarning):
+        summary = run(_cfg(episodes=4), tmp_path, progress=False)
+    records = EpisodeStore(tmp_path / "episodes.jsonl").load()
+    assert summary.ran == 2 and summary.skipped == 2
+    assert sorted(r.episode_index for r in records) == [0, 1, 2, 3]
+    assert len({r.episode_key for r in records}) == 4
+
+
+class _Exploding:
+    metadata = PolicyMetadata(name="exploding")
+
+    def reset(self, instruction, seed):
+        self.seed = seed
+
+    def infer(self, obs):
+        if self.seed % 2 == 0:
+            raise RuntimeError("policy blew up")
+        return ActionChunk(actions=[[0, 0, 0, 0, 0, 0, -1]])
+
+
+def test_policy_exception_marks_episode_error_and_run_continues(tmp_path, monkeypatch):
+    monkeypatch.setitem(POLICIES._targets, "exploding", _Exploding)
+    monkeypatch.setitem(POLICIES._descriptions, "exploding", "")
+    summary = run(_cfg(policy="exploding", episodes=4), tmp_path, progress=False)
+    records = EpisodeStore(tmp_path / "episodes.jsonl").load()
+    assert len(records) == 4
+    errors = [r for r in records if r.status == "error"]
+    assert errors and summary.errors == len(errors)
+    assert all("policy blew up" in r.error and not r.success and r.failure_mode == "error" for r in errors)
+    assert any(r.status == "ok" for r in records)
+
+
+def test_same_seed_gives_same_results(tmp_path):
+    a = run(_cfg(episodes=2), tmp_path / "a", progress=False).records
+    b = run(_cfg(episodes=2), tmp_path / "b", progress=False).records
+    assert [(r.seed, r.success, r.failure_mode, r.steps) for r in a] == [
+        (r.seed, r.success, r.failure_mode, r.steps) for r in b
+    ]
+
+
+def test_episode_seeds_depend_only_on_run_seed_and_name():
+    plan = runner.plan_episodes(_cfg(episodes=5))
+    again = runner.plan_episodes(_cfg(episodes=3))
+    assert [s.seed() for s in plan[:3]] == [s.seed() for s in again]
+    assert len({s.seed() for s in plan}) == 5
+    assert plan[0].seed() != runner.plan_episodes(_cfg(seed=1))[0].seed()
