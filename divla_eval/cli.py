@@ -36,22 +36,32 @@ def _perturbation(text: str) -> tuple[str, int]:
     try:
         return name, int(level or 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME[:LEVEL] with an integer level, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected NAME[:LEVEL] with an integer level, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="divla-eval", description="Simulation benchmark for vision-language-action policies.")
+    parser = _Parser(
+        prog="divla-eval", description="Simulation benchmark for vision-language-action policies."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="evaluate a policy on a task")
     run.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
-    run.add_argument("--objects", "--split", dest="split", default="unseen", help="object split, e.g. seen|unseen")
-    run.add_argument("--policy", default=None, help="registered policy (default: scripted, until a model ships)")
+    run.add_argument(
+        "--objects", "--split", dest="split", default="unseen", help="object split, e.g. seen|unseen"
+    )
+    run.add_argument(
+        "--policy", default=None, help="registered policy (default: scripted, until a model ships)"
+    )
     run.add_argument("--checkpoint", default=None, help="checkpoint directory for a learned policy")
     run.add_argument("--episodes", type=_positive_int, default=None, help="episodes (default: task's own)")
     run.add_argument("--seed", type=int, default=0, help="run seed; every episode's seeds derive from it")
     run.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
-    run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<task>-<split>-...)")
+    run.add_argument(
+        "--out", type=Path, default=None, help="run directory (default: runs/<task>-<split>-...)"
+    )
     run.add_argument("--video", action="store_true", help="write an mp4 of the front camera per episode")
     run.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
     run.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
@@ -83,19 +93,26 @@ def _cmd_run(args) -> int:
     )
     validate(cfg)
     if args.policy is None:
-        print("note: no trained model ships yet; evaluating the scripted expert (--policy scripted)", file=sys.stderr)
+        print(
+            "note: no trained model ships yet; evaluating the scripted expert (--policy scripted)",
+            file=sys.stderr,
+        )
     out = args.out or Path("runs") / f"{cfg.task}-{cfg.split}-{cfg.policy}-seed{cfg.seed}"
     try:
         summary = run(cfg, out, progress=not args.no_progress, video=args.video)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished episodes are saved in {out}; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"\ninterrupted: finished episodes are saved in {out}; rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     n = len(summary.records)
     k = sum(r.success for r in summary.records)
     lo, hi = wilson_interval(k, n)
     print(
         f"{cfg.task} [{cfg.split}] policy={cfg.policy}: success {k}/{n} = {k / n:.1%} "
-        f"(95% CI {lo:.1%}-{hi:.1%}); ran {summary.ran}, resumed past {summary.skipped}, errors {summary.errors}"
+        f"(95% CI {lo:.1%}-{hi:.1%}); ran {summary.ran}, resumed past {summary.skipped}, "
+        f"errors {summary.errors}"
     )
     print(f"results: {out / 'episodes.jsonl'}  (report: divla-eval report {out})")
     return 0

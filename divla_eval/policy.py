@@ -99,12 +99,6 @@ POLICIES.register("random", RandomPolicy, description="uniform random actions (l
 
 
 def make_policy(name: str, checkpoint: str | None = None) -> Policy:
-    """Build a registered policy; `checkpoint` is refused by policies that have no weights."""
-    from divla_eval.errors import DivlaEvalError
-
+    """Build a registered policy (validated first by `runner.validate`)."""
     factory = POLICIES.get(name)
-    if checkpoint is not None:
-        if not hasattr(factory, "from_pretrained"):
-            raise DivlaEvalError(f"policy {name!r} takes no checkpoint (got --checkpoint {checkpoint})")
-        return factory.from_pretrained(checkpoint)
-    return factory()
+    return factory.from_pretrained(checkpoint) if checkpoint is not None else factory()

@@ -76,6 +76,13 @@ def validate(cfg: RunConfig) -> None:
 
     get_task(cfg.task, **cfg.task_options).validate(cfg.split, cfg.difficulty)
     POLICIES.check_name(cfg.policy)
+    if cfg.checkpoint is not None:
+        if not hasattr(POLICIES.get(cfg.policy), "from_pretrained"):
+            raise DivlaEvalError(
+                f"policy {cfg.policy!r} takes no checkpoint (got --checkpoint {cfg.checkpoint})"
+            )
+        if not Path(cfg.checkpoint).is_dir():
+            raise DivlaEvalError(f"checkpoint directory {cfg.checkpoint} does not exist")
     for name, _level in cfg.perturbations:
         PERTURBATIONS.check_name(name)
     if cfg.episodes is not None and cfg.episodes <= 0:

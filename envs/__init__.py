@@ -6,6 +6,8 @@ robosuite is imported until an env is made).
 
 import gymnasium as gym
 
+from divla_eval.envs import _quiet_robosuite  # noqa: F401  (before anything imports robosuite)
+
 ENV_IDS = {"divla_eval/BinPicking-v0": "bin_picking"}
 
 for _env_id, _task in ENV_IDS.items():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from divla_eval.envs import _quiet_robosuite  # noqa: F401
 from robosuite.models.objects import BallObject, BoxObject, CapsuleObject, CylinderObject
 from robosuite.models.objects import objects as rs_objects
 from robosuite.models.objects.generated_objects import CompositeObject
@@ -19,7 +18,14 @@ from divla_eval.envs.objects import COLOURS, MESHES, ObjectSpec
 
 _ROT_X90 = (0.7071068, 0.7071068, 0.0, 0.0)  # cylinder axis -> y
 _ROT_Y90 = (0.7071068, 0.0, 0.7071068, 0.0)  # cylinder axis -> x
-_MESH_FILES = {"can": "can", "milk": "milk", "bread": "bread", "cereal": "cereal", "lemon": "lemon", "bottle": "bottle"}
+_MESH_FILES = {
+    "can": "can",
+    "milk": "milk",
+    "bread": "bread",
+    "cereal": "cereal",
+    "lemon": "lemon",
+    "bottle": "bottle",
+}
 
 
 @dataclass(frozen=True)

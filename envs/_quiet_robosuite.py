@@ -1,4 +1,4 @@
-"""Import-time settings that must precede the first `import robosuite`.
+"""Import-time settings that must precede the first `import robosuite` (imported by envs/__init__.py).
 
 robosuite reads overrides from an optional module `robosuite.macros_private`; we provide it in memory
 (instead of writing a file into site-packages) to keep its console logging to errors: its import-time
@@ -18,5 +18,3 @@ if "robosuite" not in sys.modules:
     _macros.CONSOLE_LOGGING_LEVEL = "ERROR"
     _macros.FILE_LOGGING_LEVEL = None
     sys.modules["robosuite.macros_private"] = _macros
-
-import robosuite  # noqa: E402,F401

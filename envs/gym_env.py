@@ -57,7 +57,9 @@ class DivlaEnv(gym.Env):
         self.max_steps = max_steps or self.task.max_steps
         self.render_mode = render_mode
         self.run_seed = run_seed
-        obs_spaces = {c: spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8) for c in self.cameras}
+        obs_spaces = {
+            c: spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8) for c in self.cameras
+        }
         obs_spaces["proprio"] = spaces.Box(-10.0, 10.0, (PROPRIO_DIM,), np.float32)  # metres, unit quat
         obs_spaces["instruction"] = spaces.Text(max_length=256, charset=INSTRUCTION_CHARSET)
         self.observation_space = spaces.Dict(obs_spaces)
@@ -151,4 +153,8 @@ class DivlaEnv(gym.Env):
 
     def _info(self) -> dict:
         ev = self.episode.evaluate(self.sim)
-        return {"success": bool(ev.success), "partial_score": float(ev.partial_score), "episode": self.episode.spec.key}
+        return {
+            "success": bool(ev.success),
+            "partial_score": float(ev.partial_score),
+            "episode": self.episode.spec.key,
+        }

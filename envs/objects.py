@@ -231,7 +231,9 @@ def objects(split: str) -> tuple[ObjectSpec, ...]:
 
 def manifest() -> dict:
     """Every object's attributes and content hash, plus one hash over the whole library."""
-    entries = {split: [dict(asdict(o), content_hash=o.content_hash) for o in library()[split]] for split in SPLITS}
+    entries = {
+        split: [dict(asdict(o), content_hash=o.content_hash) for o in library()[split]] for split in SPLITS
+    }
     digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
     return {"version": LIBRARY_VERSION, "hash": digest, "objects": entries}
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-
-from divla_eval.envs import _quiet_robosuite  # noqa: F401  (must precede robosuite imports)
 from robosuite.controllers import load_composite_controller_config
 from robosuite.environments.manipulation.manipulation_env import ManipulationEnv
 from robosuite.models.arenas import TableArena
@@ -125,7 +123,9 @@ class TabletopEnv(ManipulationEnv):
             self.scene.placement.rng = self.rng
             placements = self.scene.placement.sample()
             for pos, quat, obj in placements.values():
-                self.sim.data.set_joint_qpos(obj.joints[0], np.concatenate([np.asarray(pos), np.asarray(quat)]))
+                self.sim.data.set_joint_qpos(
+                    obj.joints[0], np.concatenate([np.asarray(pos), np.asarray(quat)])
+                )
 
     def reward(self, action=None):  # success is judged by the task, not by robosuite's reward
         return 0.0
@@ -172,6 +172,11 @@ class TabletopEnv(ManipulationEnv):
 
     def object_aabb(self, obj_index: int) -> tuple[np.ndarray, np.ndarray]:
         """World-frame (min, max) corners of the object's collision geoms."""
+        pts = self.object_corners(obj_index)
+        return pts.min(axis=0), pts.max(axis=0)
+
+    def object_corners(self, obj_index: int) -> np.ndarray:
+        """World positions of the corners of each collision geom's local bounding box."""
         m, d = self.sim.model._model, self.sim.data._data
         corners = []
         signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
@@ -179,8 +184,7 @@ class TabletopEnv(ManipulationEnv):
             center, half = m.geom_aabb[g, :3], m.geom_aabb[g, 3:]
             local = center + signs * half
             corners.append(d.geom_xpos[g] + local @ d.geom_xmat[g].reshape(3, 3).T)
-        pts = np.concatenate(corners)
-        return pts.min(axis=0), pts.max(axis=0)
+        return np.concatenate(corners)
 
     def object_velocity(self, obj_index: int) -> np.ndarray:
         """Linear velocity (world frame) of the object's free joint."""

@@ -92,7 +92,9 @@ class Task(ABC):
         from divla_eval.errors import DivlaEvalError
 
         if split not in self.splits:
-            raise DivlaEvalError(f"unknown split {split!r} for task {self.name}; valid: {', '.join(self.splits)}")
+            raise DivlaEvalError(
+                f"unknown split {split!r} for task {self.name}; valid: {', '.join(self.splits)}"
+            )
         if difficulty not in self.difficulties:
             valid = ", ".join(str(d) for d in self.difficulties)
             raise DivlaEvalError(f"unknown difficulty {difficulty!r} for task {self.name}; valid: {valid}")

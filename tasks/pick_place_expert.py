@@ -36,6 +36,7 @@ class PickPlaceExpert:
     retries: int = 0
     _phase_steps: int = 0
     _grasp_yaw: float | None = None
+    _close_at: np.ndarray | None = None
 
     @property
     def done(self) -> bool:
@@ -49,16 +50,19 @@ class PickPlaceExpert:
         body = env.object_body_ids[self.obj_index]
         rot = np.array(env.sim.data.body_xmat[body]).reshape(3, 3)
         pos = np.array(env.sim.data.body_xpos[body]) + rot @ np.asarray(hint.offset)
-        lo, hi = env.object_aabb(self.obj_index)
+        corners = env.object_corners(self.obj_index)
+        hi = corners.max(axis=0)
         axis = hint.close_axis
         if axis is None:  # close along the shorter horizontal extent of the object (in its own frame)
-            ext = [np.ptp((rot.T @ (np.array([lo, hi]) - pos).T).T[:, i]) for i in range(2)]
+            ext = np.ptp((corners - pos) @ rot, axis=0)
             axis = "x" if ext[0] < ext[1] else "y"
         close_dir = rot[:2, 0 if axis == "x" else 1]
         z = max(pos[2], hi[2] - FINGER_DEPTH, TABLE_TOP_Z + 0.012)
         return np.array([pos[0], pos[1], z]), float(np.arctan2(close_dir[1], close_dir[0]))
 
-    def _action(self, env, target: np.ndarray, yaw: float | None, grip: float, gain: float = 1.0) -> np.ndarray:
+    def _action(
+        self, env, target: np.ndarray, yaw: float | None, grip: float, gain: float = 1.0
+    ) -> np.ndarray:
         act = np.zeros(7)
         act[:3] = np.clip(gain * (target - env.eef_pos) / POS_SCALE, -1, 1)
         # Keep the gripper pointing straight down; rotate about z so the fingers close along `yaw`.
@@ -93,16 +97,18 @@ class PickPlaceExpert:
         if self.phase == "descend":
             a = self._action(env, grasp, self._grasp_yaw, -1.0)
             if np.linalg.norm(grasp - eef) < 0.008 or self._phase_steps > 50:
+                self._close_at = grasp  # hold this point while closing: chasing a pushed object drags it
                 self._next("close")
             return a
         if self.phase == "close":
-            a = self._action(env, grasp, None, 1.0)
-            if self._phase_steps > 12:
+            a = self._action(env, self._close_at, None, 1.0)
+            if self._phase_steps > 15:
                 self._next("lift")
             return a
         if self.phase == "lift":
             target = np.array([eef[0], eef[1], SAFE_Z])
-            a = self._action(env, target, None, 1.0)
+            # start the lift gently so the grasped object does not slip out of the fingers
+            a = self._action(env, target, None, 1.0, gain=0.3 if self._phase_steps < 10 else 1.0)
             if eef[2] > SAFE_Z - 0.03 or self._phase_steps > 40:
                 if env.grasping(self.obj_index):
                     self._next("carry")

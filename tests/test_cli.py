@@ -1,7 +1,9 @@
 """CLI: bad input ends in one line on stderr and exit code 2, never a traceback."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,8 +44,26 @@ def test_unwritable_out_dir(tmp_path, capsys):
 
 def test_run_dir_from_a_different_config(tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert main(["run", "--policy", "random", "--episodes", "1", "--max-steps", "5", "--out", out, "--no-progress"]) == 0
-    code = main(["run", "--policy", "random", "--episodes", "1", "--max-steps", "5", "--out", out, "--seed", "7"])
+    assert (
+        main(
+            [
+                "run",
+                "--policy",
+                "random",
+                "--episodes",
+                "1",
+                "--max-steps",
+                "5",
+                "--out",
+                out,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    code = main(
+        ["run", "--policy", "random", "--episodes", "1", "--max-steps", "5", "--out", out, "--seed", "7"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "different config" in err and "seed" in err
 
@@ -54,14 +74,21 @@ def test_list_objects_prints_the_102_unseen(capsys):
     assert out[0] == "# unseen: 102 objects" and len(out) == 103
 
 
+def _console_script() -> str:
+    beside = Path(sys.executable).parent / "divla-eval"  # the venv's script, activated or not
+    return str(beside) if beside.exists() else shutil.which("divla-eval")
+
+
 def test_console_script_end_to_end_with_report(tmp_path):
     out = tmp_path / "run"
-    cmd = ["divla-eval", "run", "--episodes", "2", "--out", str(out), "--no-progress"]
+    cmd = [_console_script(), "run", "--episodes", "2", "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "scripted expert" in proc.stderr  # says which policy it defaulted to
     assert "success 2/2" in proc.stdout
-    proc = subprocess.run(["divla-eval", "report", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_console_script(), "report", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "report.md").read_text().count("bin_picking") >= 1
     assert (out / "success.png").stat().st_size > 1000

@@ -83,7 +83,9 @@ def _place_object(env, index, xyz):
 def test_success_predicate(env, where, expected):
     env.reset(options={"episode": _spec(60)})  # a block: stable wherever it lands
     for i in range(len(env.sim.scene.objects)):
-        _place_object(env, i, np.array([0.25 + 0.1 * i, -0.5, TABLE_TOP_Z + 0.05]))  # park the others off-goal
+        _place_object(
+            env, i, np.array([0.25 + 0.1 * i, -0.5, TABLE_TOP_Z + 0.05])
+        )  # park the others off-goal
     _place_object(env, 0, np.array(where))
     assert env.episode.evaluate(env.sim).success is expected
 
