@@ -174,7 +174,8 @@ def write_manifest(run_dir: Path, config: dict, extra: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"config": config, **extra}, indent=2, sort_keys=True, default=_json_default)
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".manifest.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is meant to be shared    try:
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is meant to be shared
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text + "\n")
             f.flush()
