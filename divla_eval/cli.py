@@ -41,6 +41,13 @@ def _perturbation(text: str) -> tuple[str, int]:
         ) from None
 
 
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="divla-eval", description="Simulation benchmark for vision-language-action policies."
@@ -59,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--episodes", type=_positive_int, default=None, help="episodes (default: task's own)")
     run.add_argument("--seed", type=int, default=0, help="run seed; every episode's seeds derive from it")
     run.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
+    run.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option, e.g. variant=named or num_objects=1 for bin_picking",
+    )
     run.add_argument(
         "--out", type=Path, default=None, help="run directory (default: runs/<task>-<split>-...)"
     )
@@ -79,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     from divla_eval.metrics import wilson_interval
     from divla_eval.runner import RunConfig, run, validate
+    from divla_eval.tasks import parse_task_options
 
     cfg = RunConfig(
         task=args.task,
@@ -90,6 +106,7 @@ def _cmd_run(args) -> int:
         checkpoint=args.checkpoint,
         image_size=args.image_size,
         max_steps=args.max_steps,
+        task_options=parse_task_options(args.task, dict(args.option)),
     )
     validate(cfg)
     if args.policy is None:

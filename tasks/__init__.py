@@ -3,6 +3,8 @@
 Targets are lazy "module:attr" strings, so listing tasks imports no simulator.
 """
 
+import dataclasses
+
 from divla_eval.registry import Registry
 
 TASKS: Registry = Registry("task")
@@ -13,6 +15,40 @@ TASKS.register(
 )
 
 
+#: Task fields that describe the task itself rather than a user-settable option.
+_FIXED_FIELDS = {"name", "version", "splits", "difficulties", "options"}
+
+
+def task_options(name: str) -> dict:
+    """The options a task accepts (`--option KEY=VALUE`), with their defaults."""
+    cls = TASKS.get(name)
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in _FIXED_FIELDS}
+
+
+def parse_task_options(name: str, options: dict) -> dict:
+    """Check option names against the task's and convert string values to the default's type."""
+    from divla_eval.errors import DivlaEvalError
+
+    valid = task_options(name)
+    converted = {}
+    for key, value in options.items():
+        if key not in valid:
+            raise DivlaEvalError(f"unknown option {key!r} for task {name}; valid: {', '.join(sorted(valid))}")
+        kind = type(valid[key])
+        if isinstance(value, kind):
+            converted[key] = value
+            continue
+        try:
+            converted[key] = str(value).lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise DivlaEvalError(
+                f"option {key}={value!r} for task {name}: expected {kind.__name__}"
+            ) from None
+    return converted
+
+
 def get_task(name: str, **options):
-    """Instantiate a registered task; unknown names raise an error listing the valid ones."""
-    return TASKS.get(name)(**options)
+    """Instantiate a registered task; unknown names or options raise an error listing the valid ones."""
+    task = TASKS.get(name)(**parse_task_options(name, options))
+    task.check_options()
+    return task

@@ -88,6 +88,9 @@ class Task(ABC):
     @abstractmethod
     def episode(self, spec: EpisodeSpec) -> TaskEpisode: ...
 
+    def check_options(self) -> None:  # noqa: B027  (optional hook)
+        """Raise DivlaEvalError for option values out of range (tasks override this)."""
+
     def validate(self, split: str, difficulty: str | None) -> None:
         from divla_eval.errors import DivlaEvalError
 

@@ -28,6 +28,8 @@ PANEL_CENTER = (0.0, -0.2)
 PANEL_HALF = (0.14, 0.16)
 WALL = 0.01
 FAILURE_MODES = ("no_grasp", "dropped", "outside_basket", "timeout")
+VARIANTS = ("any", "named")
+MAX_OBJECTS = 4  # more do not reliably fit on the panel next to each other
 
 
 @dataclass
@@ -166,6 +168,16 @@ class BinPicking(Task):
     max_steps: int = 300
     num_objects: int = 3
     variant: str = "any"
+
+    def check_options(self) -> None:
+        from divla_eval.errors import DivlaEvalError
+
+        if self.variant not in VARIANTS:
+            raise DivlaEvalError(
+                f"bin_picking variant {self.variant!r} unknown; valid: {', '.join(VARIANTS)}"
+            )
+        if not 1 <= self.num_objects <= MAX_OBJECTS:
+            raise DivlaEvalError(f"bin_picking num_objects must be 1..{MAX_OBJECTS}, got {self.num_objects}")
 
     def episode(self, spec: EpisodeSpec) -> BinPickingEpisode:
         return BinPickingEpisode(spec, self.num_objects, self.variant)

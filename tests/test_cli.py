@@ -23,6 +23,11 @@ from divla_eval.cli import main
         (["list", "objects", "--split", "nope"], "valid: seen, unseen"),
         (["report", "/nonexistent/run"], "/nonexistent/run"),
         (["run", "--policy", "random", "--checkpoint", "ckpt"], "takes no checkpoint"),
+        (["run", "--option", "colour=red"], "valid: max_steps, num_objects, variant"),
+        (["run", "--option", "num_objects=many"], "expected int"),
+        (["run", "--option", "num_objects=9"], "num_objects must be 1..4"),
+        (["run", "--option", "variant=some"], "valid: any, named"),
+        (["run", "--option", "novalue"], "expected KEY=VALUE"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):

@@ -123,3 +123,19 @@ def test_images_change_with_the_scene_and_are_deterministic():
         assert o1["front"].std() > 5 and o1["wrist"].std() > 5  # not a blank frame
     finally:
         e.close()
+
+
+def test_named_variant_names_the_object_and_only_it_counts():
+    e = DivlaEnv(cameras=(), task_options={"variant": "named", "num_objects": 2})
+    try:
+        e.reset(options={"episode": _spec(14)})
+        featured = e.episode.specs[0]
+        assert featured.name in e.episode.instruction and e.episode.instruction.startswith("move the ")
+        for i in range(2):
+            _place_object(e, i, np.array([0.25 + 0.1 * i, -0.5, TABLE_TOP_Z + 0.05]))
+        _place_object(e, 1, np.array([BASKET_POS[0] - 0.06, BASKET_POS[1], TABLE_TOP_Z + 0.06]))
+        assert not e.episode.evaluate(e.sim).success  # the other object in the basket does not count
+        _place_object(e, 0, np.array([BASKET_POS[0] + 0.06, BASKET_POS[1], TABLE_TOP_Z + 0.06]))
+        assert e.episode.evaluate(e.sim).success
+    finally:
+        e.close()
