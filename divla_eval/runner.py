@@ -175,7 +175,7 @@ class RunSummary:
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """Create `run_dir` (or check that it belongs to this config) and write its manifest."""
     from divla_eval.envs.objects import library_hash
-    from divla_eval.tasks import get_task
+    from divla_eval.tasks import get_task, task_options
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +190,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         extra = {
             "run_id": uuid.uuid4().hex[:12],
             "task_version": task.version,
+            "task_settings": {k: getattr(task, k) for k in task_options(cfg.task)},  # defaults included
             "object_library_hash": library_hash(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **environment_info(Path(__file__).resolve().parent),  # the harness's own git revision
