@@ -46,11 +46,9 @@ class RunConfig:
     def resolved_episodes(self) -> int:
         if self.episodes is not None:
             return self.episodes
-        if self.task == "bin_picking":
-            from divla_eval.envs.objects import objects
+        from divla_eval.tasks import get_task
 
-            return len(objects(self.split))
-        return 50
+        return get_task(self.task, **self.task_options).default_episodes(self.split)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from divla_eval.envs.tabletop import FRONT_CAMERA, WRIST_CAMERA
+from divla_eval.envs.layout import FRONT_CAMERA, WRIST_CAMERA
 
 CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA}
 PROPRIO_DIM = 9

@@ -25,17 +25,17 @@ from robosuite.models.arenas import TableArena
 from robosuite.models.objects import MujocoObject
 from robosuite.models.tasks import ManipulationTask
 from robosuite.utils.placement_samplers import ObjectPositionSampler
+from robosuite.utils.transform_utils import mat2quat
 
+from divla_eval.envs.layout import (
+    CONTROL_FREQ,
+    FRONT_CAMERA,
+    FRONT_CAMERA_POS,
+    FRONT_CAMERA_QUAT,
+    TABLE_FULL_SIZE,
+    TABLE_OFFSET,
+)
 from divla_eval.envs.rendering import lighten_robot_meshes
-
-TABLE_FULL_SIZE = (0.8, 1.2, 0.05)
-TABLE_OFFSET = (0.0, 0.0, 0.8)
-TABLE_TOP_Z = TABLE_OFFSET[2]
-CONTROL_FREQ = 20
-FRONT_CAMERA = "front"
-FRONT_CAMERA_POS = (0.75, 0.0, 1.5)
-FRONT_CAMERA_QUAT = (0.6395, 0.3018, 0.3018, 0.6395)  # wxyz: looks at (-0.1, 0, 0.8), the workspace centre
-WRIST_CAMERA = "robot0_eye_in_hand"
 
 
 @dataclass
@@ -208,8 +208,6 @@ class TabletopEnv(ManipulationEnv):
         """End-effector position (3), quaternion (4), gripper finger positions (2)."""
         robot = self.robots[0]
         site = robot.eef_site_id["right"]
-        from robosuite.utils.transform_utils import mat2quat
-
         quat = mat2quat(self.sim.data.site_xmat[site].reshape(3, 3))
         fingers = self.sim.data.qpos[robot._ref_gripper_joint_pos_indexes["right"]]
         return np.concatenate([self.sim.data.site_xpos[site], quat, fingers]).astype(np.float32)

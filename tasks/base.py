@@ -88,6 +88,10 @@ class Task(ABC):
     @abstractmethod
     def episode(self, spec: EpisodeSpec) -> TaskEpisode: ...
 
+    def default_episodes(self, split: str) -> int:
+        """How many episodes `divla-eval run` plans when --episodes is not given."""
+        return 50
+
     def check_options(self) -> None:  # noqa: B027  (optional hook)
         """Raise DivlaEvalError for option values out of range (tasks override this)."""
 

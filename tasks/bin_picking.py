@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from divla_eval.envs import objects as library
+from divla_eval.envs.layout import TABLE_TOP_Z
 from divla_eval.tasks.base import EpisodeSpec, Evaluation, ExpertAction, Task, TaskEpisode
 
 BASKET_POS = (0.0, 0.24, 0.0)  # x, y on the table; z filled in at build time
@@ -46,7 +47,7 @@ class _Builder:
         from robosuite.models.objects import Bin, BoxObject
         from robosuite.utils.placement_samplers import UniformRandomSampler
 
-        from divla_eval.envs.tabletop import TABLE_TOP_Z, SceneModel
+        from divla_eval.envs.tabletop import SceneModel
 
         basket = Bin(
             "basket", bin_size=BASKET_SIZE, wall_thickness=WALL, transparent_walls=False, use_texture=True
@@ -84,8 +85,6 @@ class _Builder:
 
 def in_basket(pos: np.ndarray, margin: float = 0.0) -> bool:
     """Is a point inside the basket's inner volume (walls excluded), optionally widened by `margin`?"""
-    from divla_eval.envs.tabletop import TABLE_TOP_Z
-
     half_in = np.array(BASKET_SIZE[:2]) / 2 - WALL + margin
     dxy = np.abs(np.asarray(pos[:2]) - np.array(BASKET_POS[:2]))
     return bool(np.all(dxy < half_in) and TABLE_TOP_Z < pos[2] < TABLE_TOP_Z + BASKET_SIZE[2] + margin)
@@ -109,7 +108,6 @@ class BinPickingEpisode(TaskEpisode):
             self.instruction = "move any object from the right panel into the left basket"
         self._expert = None
         self.ever_grasped = False
-        self.max_lift = 0.0
 
     def _targets(self) -> range:
         return range(1) if self.variant == "named" else range(len(self.specs))
@@ -122,12 +120,8 @@ class BinPickingEpisode(TaskEpisode):
         return Evaluation(success=False, partial_score=0.0)
 
     def on_step(self, env) -> None:
-        from divla_eval.envs.tabletop import TABLE_TOP_Z
-
-        for i in self._targets():
-            if env.grasping(i):
-                self.ever_grasped = True
-                self.max_lift = max(self.max_lift, float(env.object_positions()[i][2] - TABLE_TOP_Z))
+        if not self.ever_grasped:
+            self.ever_grasped = any(env.grasping(i) for i in self._targets())
 
     def failure_mode(self, env) -> str:
         if not self.ever_grasped:
@@ -139,7 +133,6 @@ class BinPickingEpisode(TaskEpisode):
         return "dropped"
 
     def expert(self, env) -> ExpertAction:
-        from divla_eval.envs.tabletop import TABLE_TOP_Z
         from divla_eval.tasks.pick_place_expert import PickPlaceExpert
 
         if self._expert is None:
@@ -178,6 +171,10 @@ class BinPicking(Task):
             )
         if not 1 <= self.num_objects <= MAX_OBJECTS:
             raise DivlaEvalError(f"bin_picking num_objects must be 1..{MAX_OBJECTS}, got {self.num_objects}")
+
+    def default_episodes(self, split: str) -> int:
+        """One episode per object of the split: 102 for unseen, each object featured once."""
+        return len(library.objects(split))
 
     def episode(self, spec: EpisodeSpec) -> BinPickingEpisode:
         return BinPickingEpisode(spec, self.num_objects, self.variant)

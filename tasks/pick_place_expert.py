@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from divla_eval.envs.tabletop import TABLE_TOP_Z
+from divla_eval.envs.layout import TABLE_TOP_Z
 
 POS_SCALE = 0.05  # metres per unit action (robosuite OSC_POSE default output_max)
 ROT_SCALE = 0.5  # radians per unit action

@@ -6,7 +6,7 @@ import pytest
 
 import divla_eval.envs  # noqa: F401  (registers the gym ids)
 from divla_eval.envs.gym_env import DivlaEnv
-from divla_eval.envs.tabletop import TABLE_TOP_Z
+from divla_eval.envs.layout import TABLE_TOP_Z
 from divla_eval.tasks.base import EpisodeSpec
 from divla_eval.tasks.bin_picking import BASKET_POS, PANEL_CENTER
 
