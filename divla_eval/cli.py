@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", action="store_true", help="write an mp4 of the front camera per episode")
     run.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
     run.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
+    run.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     lst = sub.add_parser("list", help="list registered tasks, policies, perturbations or objects")
@@ -116,7 +117,7 @@ def _cmd_run(args) -> int:
         )
     out = args.out or Path("runs") / f"{cfg.task}-{cfg.split}-{cfg.policy}-seed{cfg.seed}"
     try:
-        summary = run(cfg, out, progress=not args.no_progress, video=args.video)
+        summary = run(cfg, out, progress=not args.no_progress, video=args.video, workers=args.workers)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished episodes are saved in {out}; rerun the same command to resume",

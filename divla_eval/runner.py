@@ -196,15 +196,123 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         write_manifest(run_dir, cfg.as_dict(), extra)
 
 
-def run(cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = False) -> RunSummary:
-    """Run (or resume) every planned episode of `cfg`, appending records to run_dir/episodes.jsonl."""
+class EpisodeWorker:
+    """Owns one env and one policy and runs episodes one at a time, in the main process or a worker.
+
+    Each worker process has its own simulator and renderer (DESIGN.md: one MuJoCo renderer per process).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, video: bool):
+        from divla_eval.policy import make_policy
+
+        self.cfg, self.run_dir, self.video = cfg, run_dir, video
+        self.policy = make_policy(cfg.policy, cfg.checkpoint)
+        self.env = self._make_env()
+
+    def _make_env(self):
+        from divla_eval.envs.gym_env import DivlaEnv
+
+        cfg = self.cfg
+        return DivlaEnv(
+            task=cfg.task,
+            split=cfg.split,
+            cameras=tuple(self.policy.metadata.cameras),
+            image_size=cfg.image_size,
+            max_steps=cfg.max_steps,
+            task_options=cfg.task_options,
+            run_seed=cfg.seed,
+        )
+
+    def run(self, spec) -> dict:
+        """Run one episode; a policy or simulator fault fails this episode (status "error"), not the run."""
+        t0 = time.perf_counter()
+        video_path = self.run_dir / "videos" / (spec.key.replace("/", "__") + ".mp4") if self.video else None
+        try:
+            outcome = run_episode(self.env, spec, self.policy, video_path)
+            outcome.update(status="ok", error=None)
+        except Exception:
+            episode = self.env.episode
+            outcome = {
+                "success": False,
+                "partial_score": 0.0,
+                "failure_mode": "error",
+                "steps": self.env.steps,
+                "latency_ms": {},
+                "reasoning_trace": [],
+                "object_ids": list(episode.object_ids) if episode else [],
+                "instruction": episode.instruction if episode else "",
+                "status": "error",
+                "error": traceback.format_exc(),
+            }
+            self.env.close()
+            self.env = self._make_env()  # the old simulator may be in a broken state
+        outcome["wall_time_s"] = time.perf_counter() - t0
+        outcome["checkpoint_hash"] = self.policy.metadata.checkpoint_hash
+        return outcome
+
+    def close(self) -> None:
+        self.env.close()
+
+
+_worker: EpisodeWorker | None = None
+
+
+def _init_worker(cfg: RunConfig, run_dir: Path, video: bool) -> None:
+    global _worker
+    _worker = EpisodeWorker(cfg, run_dir, video)
+
+
+def _run_in_worker(spec):
+    return spec, _worker.run(spec)
+
+
+def _outcomes(cfg: RunConfig, run_dir: Path, todo: list, video: bool, workers: int):
+    """Yield (spec, outcome) as episodes finish; with workers > 1, in completion order."""
+    if workers == 1:
+        worker = EpisodeWorker(cfg, run_dir, video)
+        try:
+            for spec in todo:
+                yield spec, worker.run(spec)
+        finally:
+            worker.close()
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),  # no forked GL or MuJoCo state
+        initializer=_init_worker,
+        initargs=(cfg, run_dir, video),
+    )
+    try:
+        futures = [pool.submit(_run_in_worker, spec) for spec in todo]
+        for future in as_completed(futures):
+            yield future.result()
+    except BrokenProcessPool as exc:
+        raise DivlaEvalError(
+            f"a worker process died ({exc}); finished episodes are saved, rerun the same command to resume"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run(
+    cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = False, workers: int = 1
+) -> RunSummary:
+    """Run (or resume) every planned episode of `cfg`, appending records to run_dir/episodes.jsonl.
+
+    Results do not depend on `workers`: every episode's seeds come from its name, and each record is
+    written by this process as soon as its episode finishes.
+    """
     from tqdm import tqdm
 
-    from divla_eval.envs.gym_env import DivlaEnv
-    from divla_eval.policy import make_policy
     from divla_eval.tasks import get_task
 
     validate(cfg)
+    if workers < 1:
+        raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
     prepare_run_dir(cfg, run_dir)
     manifest = read_manifest(run_dir)
     store = EpisodeStore(run_dir / "episodes.jsonl")
@@ -213,45 +321,11 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = Fals
     plan = plan_episodes(cfg)
     todo = [s for s in plan if s.key not in done]
     task = get_task(cfg.task, **cfg.task_options)
-    policy = make_policy(cfg.policy, cfg.checkpoint)
-
-    def make_env():
-        return DivlaEnv(
-            task=cfg.task,
-            split=cfg.split,
-            cameras=tuple(policy.metadata.cameras),
-            image_size=cfg.image_size,
-            max_steps=cfg.max_steps,
-            task_options=cfg.task_options,
-            run_seed=cfg.seed,
-        )
-
-    env = make_env()
     new_records: list[EpisodeRecord] = []
     successes = sum(r.success for r in existing)
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, unit="ep", desc=cfg.task)
     try:
-        for spec in todo:
-            t0 = time.perf_counter()
-            video_path = run_dir / "videos" / (spec.key.replace("/", "__") + ".mp4") if video else None
-            try:
-                outcome = run_episode(env, spec, policy, video_path)
-                status, error = "ok", None
-            except Exception:  # a policy or simulator fault fails this episode, not the run
-                status, error = "error", traceback.format_exc()
-                episode = env.episode
-                outcome = {
-                    "success": False,
-                    "partial_score": 0.0,
-                    "failure_mode": "error",
-                    "steps": env.steps,
-                    "latency_ms": {},
-                    "reasoning_trace": [],
-                    "object_ids": list(episode.object_ids) if episode else [],
-                    "instruction": episode.instruction if episode else "",
-                }
-                env.close()
-                env = make_env()  # the old simulator may be in a broken state
+        for spec, outcome in _outcomes(cfg, run_dir, todo, video, min(workers, max(1, len(todo)))):
             record = EpisodeRecord(
                 run_id=manifest["run_id"],
                 task=cfg.task,
@@ -263,10 +337,6 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = Fals
                 seed=spec.seed("scene"),
                 perturbations=[{"name": n, "level": lvl} for n, lvl in spec.perturbations],
                 policy=cfg.policy,
-                checkpoint_hash=policy.metadata.checkpoint_hash,
-                wall_time_s=time.perf_counter() - t0,
-                status=status,
-                error=error,
                 **outcome,
             )
             store.append(record)
@@ -276,7 +346,6 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = Fals
             bar.set_postfix(success=f"{successes / (len(existing) + len(new_records)):.0%}")
     finally:
         bar.close()
-        env.close()
     return RunSummary(
         run_dir=run_dir,
         planned=len(plan),

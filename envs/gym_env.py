@@ -10,6 +10,7 @@ from __future__ import annotations
 import string
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 from gymnasium import spaces
 
@@ -19,6 +20,10 @@ CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA}
 PROPRIO_DIM = 9
 ACTION_DIM = 7
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-:;()!?"
+
+
+class SimulationFault(RuntimeError):
+    """The simulator went into a state that invalidates the episode (recorded as an error)."""
 
 
 class DivlaEnv(gym.Env):
@@ -117,7 +122,13 @@ class DivlaEnv(gym.Env):
     def advance(self, action) -> tuple[bool, bool, dict]:
         """Step physics and judge the state; renders nothing."""
         action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        if not np.all(np.isfinite(action)):
+            raise SimulationFault(f"non-finite action {action.tolist()}")
         self.sim.step(action)
+        warnings = self.sim.sim.data._data.warning
+        if warnings[mujoco.mjtWarning.mjWARN_BADQACC].number > 0:
+            # MuJoCo resets an exploding state silently; an episode that went through that is not valid.
+            raise SimulationFault("MuJoCo reported an unstable simulation (bad qacc); the state was reset")
         self.episode.on_step(self.sim)
         self.steps += 1
         info = self._info()

@@ -139,3 +139,11 @@ def test_named_variant_names_the_object_and_only_it_counts():
         assert e.episode.evaluate(e.sim).success
     finally:
         e.close()
+
+
+def test_non_finite_action_is_a_simulation_fault(env):
+    from divla_eval.envs.gym_env import SimulationFault
+
+    env.reset(options={"episode": _spec(2)})
+    with pytest.raises(SimulationFault, match="non-finite"):
+        env.advance(np.array([np.nan, 0, 0, 0, 0, 0, -1]))

@@ -94,3 +94,13 @@ def test_episode_seeds_depend_only_on_run_seed_and_name():
     assert [s.seed() for s in plan[:3]] == [s.seed() for s in again]
     assert len({s.seed() for s in plan}) == 5
     assert plan[0].seed() != runner.plan_episodes(_cfg(seed=1))[0].seed()
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
+    def key(records):
+        return sorted((r.episode_key, r.seed, r.success, r.failure_mode, r.steps) for r in records)
+
+    serial = run(_cfg(episodes=3), tmp_path / "serial", progress=False, workers=1).records
+    parallel = run(_cfg(episodes=3), tmp_path / "parallel", progress=False, workers=2)
+    assert parallel.ran == 3 and key(parallel.records) == key(serial)
+    assert len(EpisodeStore(tmp_path / "parallel" / "episodes.jsonl").load()) == 3
