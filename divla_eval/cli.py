@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--policy", default=None, help="registered policy (default: scripted, until a model ships)"
     )
+    run.add_argument("--difficulty", default=None, help="task difficulty, e.g. easy|hard for sorting")
     run.add_argument("--checkpoint", default=None, help="checkpoint directory for a learned policy")
     run.add_argument("--episodes", type=_positive_int, default=None, help="episodes (default: task's own)")
     run.add_argument("--seed", type=int, default=0, help="run seed; every episode's seeds derive from it")
@@ -95,12 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args) -> int:
     from divla_eval.metrics import wilson_interval
     from divla_eval.runner import RunConfig, run, validate
-    from divla_eval.tasks import parse_task_options
+    from divla_eval.tasks import get_task, parse_task_options
 
     cfg = RunConfig(
         task=args.task,
         split=args.split,
         policy=args.policy or "scripted",
+        difficulty=args.difficulty if args.difficulty is not None else get_task(args.task).difficulties[0],
         episodes=args.episodes,
         seed=args.seed,
         perturbations=tuple(args.perturb),

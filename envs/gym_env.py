@@ -41,6 +41,8 @@ class DivlaEnv(gym.Env):
         self,
         task: str = "bin_picking",
         split: str = "unseen",
+        difficulty: str | None = None,
+        perturbations: tuple[tuple[str, int], ...] = (),
         cameras: tuple[str, ...] = ("front", "wrist"),
         image_size: int = 84,
         max_steps: int | None = None,
@@ -52,7 +54,9 @@ class DivlaEnv(gym.Env):
         from divla_eval.tasks import get_task
 
         self.task = get_task(task, **(task_options or {}))
-        self.task.validate(split, None)
+        self.difficulty = difficulty if difficulty is not None else self.task.difficulties[0]
+        self.task.validate(split, self.difficulty)
+        self.perturbations = tuple(perturbations)
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown:
             raise DivlaEvalError(f"unknown camera(s) {unknown}; valid: {', '.join(CAMERAS)}")
@@ -93,7 +97,9 @@ class DivlaEnv(gym.Env):
             index = options.get("episode_index")
             if index is None:
                 index = int(self.np_random.integers(0, 10_000))
-            spec = EpisodeSpec(self.task.name, self.split, int(index), run_seed=self.run_seed)
+            spec = EpisodeSpec(
+                self.task.name, self.split, int(index), self.run_seed, self.difficulty, self.perturbations
+            )
         self.episode = self.task.episode(spec)
         if self.sim is None:
             self.sim = TabletopEnv(self.episode.builder, horizon=self.max_steps + 1)

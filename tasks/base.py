@@ -103,5 +103,7 @@ class Task(ABC):
                 f"unknown split {split!r} for task {self.name}; valid: {', '.join(self.splits)}"
             )
         if difficulty not in self.difficulties:
+            if self.difficulties == (None,):
+                raise DivlaEvalError(f"task {self.name} has no difficulty levels (got {difficulty!r})")
             valid = ", ".join(str(d) for d in self.difficulties)
             raise DivlaEvalError(f"unknown difficulty {difficulty!r} for task {self.name}; valid: {valid}")

@@ -28,6 +28,7 @@ from divla_eval.cli import main
         (["run", "--option", "num_objects=9"], "num_objects must be 1..4"),
         (["run", "--option", "variant=some"], "valid: any, named"),
         (["run", "--option", "novalue"], "expected KEY=VALUE"),
+        (["run", "--difficulty", "hard"], "has no difficulty levels"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
