@@ -1,14 +1,18 @@
 """Simulation layer: robosuite scenes, the object library, rendering and the gymnasium wrapper.
 
-Importing this package registers the gymnasium ids `divla_eval/BinPicking-v0` (lazily: nothing from
-robosuite is imported until an env is made).
+Importing this package registers one gymnasium id per task (`divla_eval/BinPicking-v0`, ...), lazily:
+nothing from robosuite is imported until an env is made.
 """
 
 import gymnasium as gym
 
 from divla_eval.envs import _quiet_robosuite  # noqa: F401  (before anything imports robosuite)
 
-ENV_IDS = {"divla_eval/BinPicking-v0": "bin_picking"}
+ENV_IDS = {
+    "divla_eval/BinPicking-v0": "bin_picking",
+    "divla_eval/Sorting-v0": "sorting",
+    "divla_eval/MultiTask-v0": "multitask",
+}
 
 for _env_id, _task in ENV_IDS.items():
     if _env_id not in gym.registry:

@@ -13,6 +13,16 @@ TASKS.register(
     "divla_eval.tasks.bin_picking:BinPicking",
     description="zero-shot bin picking: move objects from the right panel into the left basket",
 )
+TASKS.register(
+    "sorting",
+    "divla_eval.tasks.sorting:Sorting",
+    description="factory sorting: toy cars, gloves, plush toys and hex wrenches into their 4 zones",
+)
+TASKS.register(
+    "multitask",
+    "divla_eval.tasks.multitask:MultiTask",
+    description="five Franka tasks: select object, flip pot, cube to coloured box, cup on plate, cube in box",
+)
 
 
 #: Task fields that describe the task itself rather than a user-settable option.
