@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="run seed; every episode's seeds derive from it")
     run.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
     run.add_argument(
+        "--matched-control",
+        action="store_true",
+        help="also run every episode without perturbations, so the report shows the drop",
+    )
+    run.add_argument(
         "--option",
         type=_option,
         action="append",
@@ -90,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir", type=Path)
+
+    col = sub.add_parser("collect", help="record scripted-expert demonstrations to robomimic-style HDF5")
+    col.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
+    col.add_argument(
+        "--objects", "--split", dest="split", default="seen", help="object split (default: seen)"
+    )
+    col.add_argument("--difficulty", default=None, help="task difficulty, e.g. easy|hard for sorting")
+    col.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
+    col.add_argument(
+        "--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="task option"
+    )
+    col.add_argument("--episodes", type=_positive_int, required=True, help="episodes to attempt")
+    col.add_argument("--out", type=Path, required=True, help="output .hdf5 file (rerun to resume)")
+    col.add_argument(
+        "--seed", type=int, default=1000, help="collection seed; keep it apart from evaluation seeds"
+    )
+    col.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
+    col.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
+    col.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
+    col.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -110,6 +135,7 @@ def _cmd_run(args) -> int:
         image_size=args.image_size,
         max_steps=args.max_steps,
         task_options=parse_task_options(args.task, dict(args.option)),
+        matched_control=args.matched_control,
     )
     validate(cfg)
     if args.policy is None:
@@ -177,10 +203,48 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_collect(args) -> int:
+    from divla_eval.data.collect import CollectConfig, collect
+    from divla_eval.tasks import parse_task_options
+
+    cfg = CollectConfig(
+        task=args.task,
+        split=args.split,
+        episodes=args.episodes,
+        seed=args.seed,
+        difficulty=args.difficulty,
+        perturbations=tuple(args.perturb),
+        image_size=args.image_size,
+        max_steps=args.max_steps,
+        task_options=parse_task_options(args.task, dict(args.option)),
+    )
+    try:
+        s = collect(cfg, args.out, progress=not args.no_progress, workers=args.workers)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished demos are saved in {args.out}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    failed = ""
+    if s.failed:
+        keys = sorted(s.failed)
+        shown = ", ".join(f"{k} ({s.failed[k]})" for k in keys[:10])
+        failed = f": {shown}{', ...' if len(keys) > 10 else ''}"
+    print(f"collected {s.demos} demos from {s.episodes} episodes ({len(s.failed)} failed{failed})")
+    print(f"{s.samples} samples in {s.path}; ran {s.ran}, resumed past {s.skipped}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": _cmd_run, "list": _cmd_list, "report": _cmd_report}[args.command](args)
+        return {
+            "run": _cmd_run,
+            "list": _cmd_list,
+            "report": _cmd_report,
+            "collect": _cmd_collect,
+        }[args.command](args)
     except DivlaEvalError as exc:
         print(f"divla-eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

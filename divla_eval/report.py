@@ -15,7 +15,13 @@ from typing import Any
 import pandas as pd
 
 from divla_eval.errors import DivlaEvalError
-from divla_eval.metrics import failure_modes, per_object_table, records_frame, success_table
+from divla_eval.metrics import (
+    failure_modes,
+    per_object_table,
+    perturbation_drops,
+    records_frame,
+    success_table,
+)
 from divla_eval.records import EpisodeStore, read_manifest
 
 GROUP_COLUMNS = ["task", "split", "perturbation", "policy"]
@@ -134,6 +140,26 @@ def _plot_success(table: pd.DataFrame, by: Sequence[str], path: Path) -> None:
         plt.close(fig)
 
 
+def _drop_section(df: pd.DataFrame) -> list[str]:
+    """Paired drop per perturbation, when the run has matched controls."""
+    drops = perturbation_drops(df)
+    if drops.empty:
+        return []
+    shown = pd.DataFrame(
+        {
+            "perturbation": drops["perturbation"],
+            "pairs": drops["pairs"],
+            "control": [_pct(v) for v in drops["control_rate"]],
+            "perturbed": [_pct(v) for v in drops["perturbed_rate"]],
+            "drop": [_pct(v) for v in drops["drop"]],
+            "95% CI (paired bootstrap)": [
+                f"{_pct(lo)} - {_pct(hi)}" for lo, hi in zip(drops["drop_ci_low"], drops["drop_ci_high"])
+            ],
+        }
+    )
+    return ["## Drop under perturbation (matched controls)", "", markdown_table(shown), ""]
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``success.png`` into ``run_dir``; returns the report path."""
     run_dir = Path(run_dir)
@@ -179,6 +205,7 @@ def write_report(run_dir: Path) -> Path:
         "",
         f"![success rate per group]({plot_path.name})",
         "",
+        *_drop_section(df),
         "## Failure modes",
         "",
     ]

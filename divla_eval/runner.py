@@ -42,6 +42,8 @@ class RunConfig:
     image_size: int = 84
     max_steps: int | None = None
     task_options: dict = field(default_factory=dict)
+    matched_control: bool = False
+    """Also run every episode without perturbations (same scene and seeds), to measure the drop."""
 
     def resolved_episodes(self) -> int:
         if self.episodes is not None:
@@ -60,15 +62,19 @@ class RunConfig:
 def plan_episodes(cfg: RunConfig):
     from divla_eval.tasks.base import EpisodeSpec
 
+    variants = [cfg.perturbations]
+    if cfg.matched_control and cfg.perturbations:
+        variants.append(())
     return [
-        EpisodeSpec(cfg.task, cfg.split, i, cfg.seed, cfg.difficulty, cfg.perturbations)
+        EpisodeSpec(cfg.task, cfg.split, i, cfg.seed, cfg.difficulty, perturbations)
         for i in range(cfg.resolved_episodes())
+        for perturbations in variants
     ]
 
 
 def validate(cfg: RunConfig) -> None:
     """Check names and values before anything heavy is imported or any file is written."""
-    from divla_eval.envs.perturbations import PERTURBATIONS
+    from divla_eval.envs.perturbations import LEVELS, PERTURBATIONS
     from divla_eval.policy import POLICIES
     from divla_eval.tasks import get_task
 
@@ -81,8 +87,12 @@ def validate(cfg: RunConfig) -> None:
             )
         if not Path(cfg.checkpoint).is_dir():
             raise DivlaEvalError(f"checkpoint directory {cfg.checkpoint} does not exist")
-    for name, _level in cfg.perturbations:
+    for name, level in cfg.perturbations:
         PERTURBATIONS.check_name(name)
+        if level not in LEVELS:
+            raise DivlaEvalError(f"perturbation level {name}:{level} unknown; valid levels: 1, 2, 3")
+    if cfg.matched_control and not cfg.perturbations:
+        raise DivlaEvalError("--matched-control needs at least one --perturb NAME:LEVEL")
     if cfg.episodes is not None and cfg.episodes <= 0:
         raise DivlaEvalError(f"--episodes must be a positive integer, got {cfg.episodes}")
     if cfg.image_size < 16:
@@ -143,6 +153,7 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         "reasoning_trace": reasoning,
         "object_ids": list(episode.object_ids),
         "instruction": episode.instruction,
+        "perturbations": list(env.perturbation_params),
     }
 
 
@@ -241,6 +252,7 @@ class EpisodeWorker:
                 "reasoning_trace": [],
                 "object_ids": list(episode.object_ids) if episode else [],
                 "instruction": episode.instruction if episode else "",
+                "perturbations": [{"name": n, "level": lvl} for n, lvl in spec.perturbations],
                 "status": "error",
                 "error": traceback.format_exc(),
             }
@@ -335,7 +347,6 @@ def run(
                 episode_index=spec.episode_index,
                 episode_key=spec.key,
                 seed=spec.seed("scene"),
-                perturbations=[{"name": n, "level": lvl} for n, lvl in spec.perturbations],
                 policy=cfg.policy,
                 **outcome,
             )

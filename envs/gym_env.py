@@ -14,12 +14,50 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-from divla_eval.envs.layout import FRONT_CAMERA, WRIST_CAMERA
+from divla_eval.envs.layout import FRONT_CAMERA, TABLE_TOP_Z, WRIST_CAMERA
+from divla_eval.envs.perturbations import AppearanceSnapshot, resolve
 
 CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA}
 PROPRIO_DIM = 9
 ACTION_DIM = 7
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-:;()!?"
+
+
+#: Where distractors go unless a task says otherwise: the table's front strip, clear of panels and goals.
+DISTRACTOR_REGION = ((0.18, 0.32), (-0.35, 0.35))
+
+
+class DistractorBuilder:
+    """Wraps a task's scene builder to add distractor objects, placed after (and clear of) the task's own."""
+
+    def __init__(self, base, specs: tuple, region):
+        self.base, self.specs, self.region = base, specs, region
+        self.key = f"{base.key}|distractors:{','.join(s.id for s in specs)}"
+
+    def build(self):
+        from robosuite.utils.placement_samplers import SequentialCompositeSampler, UniformRandomSampler
+
+        scene = self.base.build()
+        objs = [spec.build(f"distractor{i}") for i, spec in enumerate(self.specs)]
+        (x0, x1), (y0, y1) = self.region
+        placer = UniformRandomSampler(
+            name="distractor_sampler",
+            mujoco_objects=objs,
+            x_range=(x0, x1),
+            y_range=(y0, y1),
+            rotation=None,
+            ensure_object_boundary_in_range=False,
+            ensure_valid_placement=True,
+            reference_pos=(0.0, 0.0, TABLE_TOP_Z),
+            z_offset=0.002,
+        )
+        combined = SequentialCompositeSampler(name="scene_sampler")
+        if scene.placement is not None:
+            combined.append_sampler(scene.placement)
+        combined.append_sampler(placer)
+        scene.objects = [*scene.objects, *objs]
+        scene.placement = combined
+        return scene
 
 
 class SimulationFault(RuntimeError):
@@ -79,6 +117,9 @@ class DivlaEnv(gym.Env):
         self._renderer = None
         self._renderer_model = None
         self.frames_rendered = 0
+        self._snapshot = None
+        self._textures_dirty = False
+        self.perturbation_params: list[dict] = []
 
     # --- gymnasium API --------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -101,11 +142,37 @@ class DivlaEnv(gym.Env):
                 self.task.name, self.split, int(index), self.run_seed, self.difficulty, self.perturbations
             )
         self.episode = self.task.episode(spec)
+        resolved = resolve(spec.perturbations, lambda name, level: spec.seed(f"perturb:{name}:{level}"))
+        self.perturbation_params = [{"name": p.name, "level": lvl, **params} for p, lvl, params in resolved]
+        builder = self.episode.builder
+        extra = [obj for p, _lvl, params in resolved for obj in p.scene_objects(params)]
+        if extra:
+            region = getattr(self.episode, "distractor_region", DISTRACTOR_REGION)
+            builder = DistractorBuilder(builder, tuple(extra), region)
         if self.sim is None:
-            self.sim = TabletopEnv(self.episode.builder, horizon=self.max_steps + 1)
-        self.sim.reset_scene(self.episode.builder, spec.seed("scene"))
+            self.sim = TabletopEnv(builder, horizon=self.max_steps + 1)
+        self.sim.reset_scene(builder, spec.seed("scene"))
+        self._apply_appearance(resolved)
         self.steps = 0
         return self.observe(), self._info()
+
+    def _apply_appearance(self, resolved) -> None:
+        """Restore this model's unperturbed appearance, then apply the episode's perturbations."""
+        model = self.sim.sim.model._model
+        if self._snapshot is None or self._snapshot.model is not model:
+            self._snapshot = AppearanceSnapshot(model)
+        self._snapshot.restore()
+        textures_changed = self._textures_dirty
+        self._textures_dirty = False
+        for pert, _level, params in resolved:
+            self._textures_dirty |= pert.apply(self.sim, params)
+        self.sim.sim.forward()  # camera and light poses in MjData derive from the (edited) model
+        if (
+            self._renderer is not None
+            and self._renderer_model is model
+            and (textures_changed or self._textures_dirty)
+        ):
+            self._renderer.upload_textures()
 
     def step(self, action):
         terminated, truncated, info = self.advance(action)

@@ -196,5 +196,11 @@ class CameraRenderer:
         self._renderer.update_scene(data, camera=camera, scene_option=self._option)
         return self._renderer.render().copy()
 
+    def upload_textures(self) -> None:
+        """Send edited texture pixels (perturbations) to the GL context that draws them."""
+        self._renderer._gl_context.make_current()
+        for tex in range(self.model.ntex):
+            mujoco.mjr_uploadTexture(self.model, self._renderer._mjr_context, tex)
+
     def close(self) -> None:
         self._renderer.close()

@@ -35,6 +35,7 @@ from divla_eval.envs.layout import (
     TABLE_FULL_SIZE,
     TABLE_OFFSET,
 )
+from divla_eval.envs.perturbations import MAIN_LIGHT
 from divla_eval.envs.rendering import lighten_robot_meshes
 
 
@@ -93,6 +94,7 @@ class TabletopEnv(ManipulationEnv):
         robot_model.set_base_xpos(robot_model.base_xpos_offset["table"](TABLE_FULL_SIZE[0]))
         arena = TableArena(table_full_size=TABLE_FULL_SIZE, table_offset=TABLE_OFFSET, has_legs=False)
         arena.set_origin([0, 0, 0])
+        arena.worldbody.find("light").set("name", MAIN_LIGHT)  # so perturbations can address it
         # A static camera in front of the table, looking down at the whole workspace and the robot.
         arena.set_camera(camera_name=FRONT_CAMERA, pos=FRONT_CAMERA_POS, quat=FRONT_CAMERA_QUAT)
         self.scene = self.builder.build()
@@ -120,6 +122,8 @@ class TabletopEnv(ManipulationEnv):
     def _reset_internal(self):
         super()._reset_internal()
         if self.scene.placement is not None:
+            for sampler in getattr(self.scene.placement, "samplers", {}).values():
+                sampler.rng = self.rng
             self.scene.placement.rng = self.rng
             placements = self.scene.placement.sample()
             for pos, quat, obj in placements.values():

@@ -28,9 +28,19 @@ class EpisodeSpec:
         pert = "+".join(f"{n}:{lvl}" for n, lvl in self.perturbations) or "none"
         return f"{self.task}/{self.split}/{self.difficulty or '-'}/{pert}/{self.episode_index:05d}"
 
+    @property
+    def control_key(self) -> str:
+        """The key of the same episode without perturbations (its matched control)."""
+        return f"{self.task}/{self.split}/{self.difficulty or '-'}/none/{self.episode_index:05d}"
+
     def seed(self, purpose: str = "scene") -> int:
-        """A 32-bit seed derived from the run seed, the episode name and what it is for."""
-        digest = hashlib.sha256(f"{self.run_seed}|{self.key}|{purpose}".encode()).digest()
+        """A 32-bit seed derived from the run seed, the episode name and what it is for.
+
+        Perturbations are left out of the name on purpose: a perturbed episode has the same scene,
+        objects and policy noise as its unperturbed control, so a difference in outcome is the
+        perturbation's doing. Perturbation parameters use their own purpose ("perturb:NAME:LEVEL").
+        """
+        digest = hashlib.sha256(f"{self.run_seed}|{self.control_key}|{purpose}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
 

@@ -29,6 +29,8 @@ from divla_eval.cli import main
         (["run", "--option", "variant=some"], "valid: any, named"),
         (["run", "--option", "novalue"], "expected KEY=VALUE"),
         (["run", "--difficulty", "hard"], "has no difficulty levels"),
+        (["run", "--perturb", "lighting:7"], "valid levels: 1, 2, 3"),
+        (["run", "--matched-control"], "needs at least one --perturb"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
