@@ -36,6 +36,7 @@ FRAME_COLUMNS = [
     "latency_p95_ms",
     "perturbation",
     "object_id",
+    "instruction",
 ]
 
 
@@ -98,6 +99,7 @@ def records_frame(records: Sequence[EpisodeRecord]) -> pd.DataFrame:
                 "latency_p95_ms": lat.get("p95"),
                 "perturbation": perturbation_label(r.perturbations),
                 "object_id": r.object_ids[0] if r.object_ids else "",
+                "instruction": r.instruction,
             }
         )
     return pd.DataFrame(rows, columns=FRAME_COLUMNS)
@@ -209,3 +211,8 @@ def perturbation_drops(df: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> p
             "drop_ci_high",
         ],
     )
+
+
+def per_instruction_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Success per instruction text (novel instructions are reported one by one)."""
+    return success_table(df, ["instruction"])

@@ -17,6 +17,7 @@ import pandas as pd
 from divla_eval.errors import DivlaEvalError
 from divla_eval.metrics import (
     failure_modes,
+    per_instruction_table,
     per_object_table,
     perturbation_drops,
     records_frame,
@@ -140,6 +141,9 @@ def _plot_success(table: pd.DataFrame, by: Sequence[str], path: Path) -> None:
         plt.close(fig)
 
 
+MAX_INSTRUCTION_ROWS = 60  # beyond this a per-instruction table is noise, not information
+
+
 def _drop_section(df: pd.DataFrame) -> list[str]:
     """Paired drop per perturbation, when the run has matched controls."""
     drops = perturbation_drops(df)
@@ -221,6 +225,13 @@ def write_report(run_dir: Path) -> Path:
             "## Per object",
             "",
             markdown_table(_rates_for_display(per_object_table(df), ["object_id"])),
+            "",
+        ]
+    if 1 < df["instruction"].nunique() <= MAX_INSTRUCTION_ROWS:
+        lines += [
+            "## Per instruction",
+            "",
+            markdown_table(_rates_for_display(per_instruction_table(df), ["instruction"])),
             "",
         ]
     lines += ["## Timing", "", markdown_table(_timing_table(df)), ""]

@@ -154,6 +154,7 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         "object_ids": list(episode.object_ids),
         "instruction": episode.instruction,
         "perturbations": list(env.perturbation_params),
+        "extra": dict(getattr(episode, "extra", {})),
     }
 
 

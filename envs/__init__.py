@@ -12,6 +12,7 @@ ENV_IDS = {
     "divla_eval/BinPicking-v0": "bin_picking",
     "divla_eval/Sorting-v0": "sorting",
     "divla_eval/MultiTask-v0": "multitask",
+    "divla_eval/NovelInstruction-v0": "novel_instruction",
 }
 
 for _env_id, _task in ENV_IDS.items():

@@ -19,6 +19,11 @@ TASKS.register(
     description="factory sorting: toy cars, gloves, plush toys and hex wrenches into their 4 zones",
 )
 TASKS.register(
+    "novel_instruction",
+    "divla_eval.tasks.novel_instruction:NovelInstruction",
+    description="novel multi-step instructions: put two named objects in the basket in the given order",
+)
+TASKS.register(
     "multitask",
     "divla_eval.tasks.multitask:MultiTask",
     description="five Franka tasks: select object, flip pot, cube to coloured box, cup on plate, cube in box",

@@ -44,43 +44,47 @@ class _Builder:
         self.key = "bin_picking:" + ",".join(s.id for s in self.specs)
 
     def build(self):
-        from robosuite.models.objects import Bin, BoxObject
-        from robosuite.utils.placement_samplers import UniformRandomSampler
+        return scene_with_basket([spec.build(f"obj{i}") for i, spec in enumerate(self.specs)])
 
-        from divla_eval.envs.tabletop import SceneModel
 
-        basket = Bin(
-            "basket", bin_size=BASKET_SIZE, wall_thickness=WALL, transparent_walls=False, use_texture=True
-        )
-        panel = BoxObject(
-            "panel",
-            size=(PANEL_HALF[0], PANEL_HALF[1], 0.001),
-            rgba=(0.35, 0.45, 0.6, 1.0),
-            obj_type="visual",
-            joints=None,
-        )
-        objs = [spec.build(f"obj{i}") for i, spec in enumerate(self.specs)]
-        sampler = UniformRandomSampler(
-            name="panel_sampler",
-            mujoco_objects=objs,
-            x_range=(-PANEL_HALF[0] + 0.03, PANEL_HALF[0] - 0.03),
-            y_range=(-PANEL_HALF[1] + 0.03, PANEL_HALF[1] - 0.03),
-            rotation=None,
-            rotation_axis="z",
-            ensure_object_boundary_in_range=False,
-            ensure_valid_placement=True,
-            reference_pos=(PANEL_CENTER[0], PANEL_CENTER[1], TABLE_TOP_Z),
-            z_offset=0.002,
-        )
-        return SceneModel(
-            objects=objs,
-            fixtures=[basket, panel],
-            fixture_positions=[
-                (BASKET_POS[0], BASKET_POS[1], TABLE_TOP_Z + BASKET_SIZE[2] / 2),
-                (PANEL_CENTER[0], PANEL_CENTER[1], TABLE_TOP_Z + 0.001),
-            ],
-            placement=sampler,
-        )
+def scene_with_basket(objs: list):
+    """The bin-picking table: a basket on the left, a panel on the right with `objs` placed on it."""
+    from robosuite.models.objects import Bin, BoxObject
+    from robosuite.utils.placement_samplers import UniformRandomSampler
+
+    from divla_eval.envs.tabletop import SceneModel
+
+    basket = Bin(
+        "basket", bin_size=BASKET_SIZE, wall_thickness=WALL, transparent_walls=False, use_texture=True
+    )
+    panel = BoxObject(
+        "panel",
+        size=(PANEL_HALF[0], PANEL_HALF[1], 0.001),
+        rgba=(0.35, 0.45, 0.6, 1.0),
+        obj_type="visual",
+        joints=None,
+    )
+    sampler = UniformRandomSampler(
+        name="panel_sampler",
+        mujoco_objects=objs,
+        x_range=(-PANEL_HALF[0] + 0.03, PANEL_HALF[0] - 0.03),
+        y_range=(-PANEL_HALF[1] + 0.03, PANEL_HALF[1] - 0.03),
+        rotation=None,
+        rotation_axis="z",
+        ensure_object_boundary_in_range=False,
+        ensure_valid_placement=True,
+        reference_pos=(PANEL_CENTER[0], PANEL_CENTER[1], TABLE_TOP_Z),
+        z_offset=0.002,
+    )
+    return SceneModel(
+        objects=objs,
+        fixtures=[basket, panel],
+        fixture_positions=[
+            (BASKET_POS[0], BASKET_POS[1], TABLE_TOP_Z + BASKET_SIZE[2] / 2),
+            (PANEL_CENTER[0], PANEL_CENTER[1], TABLE_TOP_Z + 0.001),
+        ],
+        placement=sampler,
+    )
 
 
 def in_basket(pos: np.ndarray, margin: float = 0.0) -> bool:
