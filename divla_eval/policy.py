@@ -47,6 +47,8 @@ class PolicyMetadata:
 
 @runtime_checkable
 class Policy(Protocol):
+    """A registered policy factory is called as `factory(action_dim=...)` (or `from_pretrained(dir)`)."""
+
     metadata: PolicyMetadata
 
     def reset(self, instruction: str, seed: int) -> None: ...
@@ -75,7 +77,7 @@ class ScriptedPolicy:
 
     metadata = PolicyMetadata(name="scripted", execute_steps=1, privileged=True)
 
-    def __init__(self):
+    def __init__(self, action_dim: int = 7):
         self._env = None
         self._episode = None
 
@@ -98,7 +100,7 @@ POLICIES.register("scripted", ScriptedPolicy, description="privileged scripted e
 POLICIES.register("random", RandomPolicy, description="uniform random actions (lower bound)")
 
 
-def make_policy(name: str, checkpoint: str | None = None) -> Policy:
-    """Build a registered policy (validated first by `runner.validate`)."""
+def make_policy(name: str, checkpoint: str | None = None, action_dim: int = 7) -> Policy:
+    """Build a registered policy (validated first by `runner.validate`) for an action space."""
     factory = POLICIES.get(name)
-    return factory.from_pretrained(checkpoint) if checkpoint is not None else factory()
+    return factory.from_pretrained(checkpoint) if checkpoint is not None else factory(action_dim=action_dim)

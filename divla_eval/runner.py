@@ -133,7 +133,7 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
             obs = env.observe(cameras=cams)
             images = {c: obs[c] for c in cams}
             t0 = time.perf_counter()
-            chunk = policy.infer(Observation(images, obs["proprio"], obs["instruction"]))
+            chunk = policy.infer(Observation(images, obs["proprio"], obs["instruction"], env.embodiment))
             latencies.append(time.perf_counter() - t0)
             j = 0
             if chunk.reasoning is not None and (not reasoning or reasoning[-1]["text"] != chunk.reasoning):
@@ -215,10 +215,13 @@ class EpisodeWorker:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, video: bool):
+        from divla_eval.envs.gym_env import ACTION_DIM
         from divla_eval.policy import make_policy
+        from divla_eval.tasks import get_task
 
         self.cfg, self.run_dir, self.video = cfg, run_dir, video
-        self.policy = make_policy(cfg.policy, cfg.checkpoint)
+        arms = len(get_task(cfg.task, **cfg.task_options).robots)
+        self.policy = make_policy(cfg.policy, cfg.checkpoint, action_dim=ACTION_DIM * arms)
         self.env = self._make_env()
 
     def _make_env(self):

@@ -14,12 +14,12 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
-from divla_eval.envs.layout import FRONT_CAMERA, TABLE_TOP_Z, WRIST_CAMERA
+from divla_eval.envs.layout import FRONT_CAMERA, TABLE_TOP_Z, WRIST_CAMERA, WRIST_CAMERA_LEFT
 from divla_eval.envs.perturbations import AppearanceSnapshot, resolve
 
-CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA}
-PROPRIO_DIM = 9
-ACTION_DIM = 7
+CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA, "wrist_left": WRIST_CAMERA_LEFT}
+PROPRIO_DIM = 9  # per arm
+ACTION_DIM = 7  # per arm
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-:;()!?"
 
 
@@ -95,9 +95,12 @@ class DivlaEnv(gym.Env):
         self.difficulty = difficulty if difficulty is not None else self.task.difficulties[0]
         self.task.validate(split, self.difficulty)
         self.perturbations = tuple(perturbations)
-        unknown = [c for c in cameras if c not in CAMERAS]
+        valid_cameras = list(CAMERAS) if len(self.task.robots) > 1 else ["front", "wrist"]
+        unknown = [c for c in cameras if c not in valid_cameras]
         if unknown:
-            raise DivlaEvalError(f"unknown camera(s) {unknown}; valid: {', '.join(CAMERAS)}")
+            raise DivlaEvalError(f"unknown camera(s) {unknown}; valid: {', '.join(valid_cameras)}")
+        self.embodiment = self.task.embodiment
+        arms = len(self.task.robots)
         self.split = split
         self.cameras = tuple(cameras)
         self.image_size = int(image_size)
@@ -107,10 +110,10 @@ class DivlaEnv(gym.Env):
         obs_spaces = {
             c: spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8) for c in self.cameras
         }
-        obs_spaces["proprio"] = spaces.Box(-10.0, 10.0, (PROPRIO_DIM,), np.float32)  # metres, unit quat
+        obs_spaces["proprio"] = spaces.Box(-10.0, 10.0, (PROPRIO_DIM * arms,), np.float32)  # metres, quat
         obs_spaces["instruction"] = spaces.Text(max_length=256, charset=INSTRUCTION_CHARSET)
         self.observation_space = spaces.Dict(obs_spaces)
-        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM * arms,), np.float32)
         self.sim = None  # TabletopEnv, made at the first reset (it needs the first scene)
         self.episode = None
         self.steps = 0
@@ -150,7 +153,7 @@ class DivlaEnv(gym.Env):
             region = getattr(self.episode, "distractor_region", DISTRACTOR_REGION)
             builder = DistractorBuilder(builder, tuple(extra), region)
         if self.sim is None:
-            self.sim = TabletopEnv(builder, horizon=self.max_steps + 1)
+            self.sim = TabletopEnv(builder, robots=self.task.robots, horizon=self.max_steps + 1)
         self.sim.reset_scene(builder, spec.seed("scene"))
         self._apply_appearance(resolved)
         self.steps = 0

@@ -28,6 +28,7 @@ from robosuite.utils.placement_samplers import ObjectPositionSampler
 from robosuite.utils.transform_utils import mat2quat
 
 from divla_eval.envs.layout import (
+    BIMANUAL_Y_OFFSETS,
     CONTROL_FREQ,
     FRONT_CAMERA,
     FRONT_CAMERA_POS,
@@ -61,20 +62,22 @@ class SceneBuilder(Protocol):
 
 
 class TabletopEnv(ManipulationEnv):
-    """A Panda at a table with task-provided objects; OSC end-effector control.
+    """One Panda (or two side by side) at a table with task-provided objects; OSC end-effector control.
 
-    The action is robosuite's OSC_POSE delta (dx, dy, dz, dax, day, daz) in [-1, 1] plus the
-    gripper command (-1 open, +1 close).
+    The action per arm is robosuite's OSC_POSE delta (dx, dy, dz, dax, day, daz) in [-1, 1] plus the
+    gripper command (-1 open, +1 close); with two arms the two 7-D actions are concatenated (robot 0,
+    on the right as seen from the robots, first). Methods that concern one arm take `robot` (default 0).
     """
 
-    def __init__(self, builder: SceneBuilder, robot: str = "Panda", horizon: int = 400):
+    def __init__(self, builder: SceneBuilder, robots: tuple[str, ...] = ("Panda",), horizon: int = 400):
         self.builder = builder
         self._built_key: str | None = None
         self.scene: SceneModel | None = None
-        controller = load_composite_controller_config(controller="BASIC", robot=robot)
+        controllers = [load_composite_controller_config(controller="BASIC", robot=r) for r in robots]
         super().__init__(
-            robots=robot,
-            controller_configs=controller,
+            robots=list(robots),
+            env_configuration="default" if len(robots) == 1 else "parallel",
+            controller_configs=controllers if len(robots) > 1 else controllers[0],
             initialization_noise={"magnitude": 0.02, "type": "gaussian"},
             use_camera_obs=False,
             has_renderer=False,
@@ -90,8 +93,12 @@ class TabletopEnv(ManipulationEnv):
     # --- robosuite hooks -------------------------------------------------------------------------
     def _load_model(self):
         super()._load_model()
-        robot_model = self.robots[0].robot_model
-        robot_model.set_base_xpos(robot_model.base_xpos_offset["table"](TABLE_FULL_SIZE[0]))
+        offsets = (0.0,) if len(self.robots) == 1 else BIMANUAL_Y_OFFSETS
+        for robot, offset in zip(self.robots, offsets, strict=True):
+            model = robot.robot_model
+            model.set_base_xpos(
+                np.array(model.base_xpos_offset["table"](TABLE_FULL_SIZE[0])) + (0, offset, 0)
+            )
         arena = TableArena(table_full_size=TABLE_FULL_SIZE, table_offset=TABLE_OFFSET, has_legs=False)
         arena.set_origin([0, 0, 0])
         arena.worldbody.find("light").set("name", MAIN_LIGHT)  # so perturbations can address it
@@ -105,7 +112,7 @@ class TabletopEnv(ManipulationEnv):
             root.set("pos", " ".join(f"{v:.5f}" for v in pos))
         self.model = ManipulationTask(
             mujoco_arena=arena,
-            mujoco_robots=[robot_model],
+            mujoco_robots=[robot.robot_model for robot in self.robots],
             mujoco_objects=[*self.scene.fixtures, *self.scene.objects],
         )
         self._built_key = self.builder.key
@@ -154,22 +161,21 @@ class TabletopEnv(ManipulationEnv):
 
     @property
     def eef_pos(self) -> np.ndarray:
-        return np.array(self.sim.data.site_xpos[self.robots[0].eef_site_id["right"]])
+        return self.eef_pos_of(0)
 
-    @property
-    def eef_yaw(self) -> float:
-        mat = self.sim.data.site_xmat[self.robots[0].eef_site_id["right"]].reshape(3, 3)
-        return float(np.arctan2(mat[1, 0], mat[0, 0]))
+    def eef_pos_of(self, robot: int) -> np.ndarray:
+        return np.array(self.sim.data.site_xpos[self.robots[robot].eef_site_id["right"]])
 
-    def gripper_opening(self) -> float:
+    def gripper_opening(self, robot: int = 0) -> float:
         """Finger joint positions summed: ~0.08 fully open, ~0 closed on nothing."""
-        robot = self.robots[0]
-        idx = robot._ref_gripper_joint_pos_indexes["right"]
+        idx = self.robots[robot]._ref_gripper_joint_pos_indexes["right"]
         return float(np.sum(np.abs(self.sim.data.qpos[idx])))
 
-    def grasping(self, obj_index: int) -> bool:
-        gripper = self.robots[0].gripper["right"]
-        return bool(self._check_grasp(gripper=gripper, object_geoms=self.scene.objects[obj_index]))
+    def grasping(self, obj_index: int, robot: int | None = None) -> bool:
+        """Is the object held by `robot`'s gripper (by any arm's when None)?"""
+        arms = range(len(self.robots)) if robot is None else [robot]
+        obj = self.scene.objects[obj_index]
+        return any(self._check_grasp(gripper=self.robots[r].gripper["right"], object_geoms=obj) for r in arms)
 
     def object_geom_ids(self, obj_index: int) -> list[int]:
         return [self.sim.model.geom_name2id(g) for g in self.scene.objects[obj_index].contact_geoms]
@@ -196,22 +202,24 @@ class TabletopEnv(ManipulationEnv):
         adr = self.sim.model._model.jnt_dofadr[jnt]
         return np.array(self.sim.data.qvel[adr : adr + 3])
 
-    def finger_axis(self) -> np.ndarray:
+    def finger_axis(self, robot: int = 0) -> np.ndarray:
         """Unit xy vector from the right to the left finger pad: the direction the gripper closes along."""
-        gripper = self.robots[0].gripper["right"]
+        gripper = self.robots[robot].gripper["right"]
         names = gripper.important_geoms
         left = self.sim.data.geom_xpos[self.sim.model.geom_name2id(names["left_fingerpad"][0])]
         right = self.sim.data.geom_xpos[self.sim.model.geom_name2id(names["right_fingerpad"][0])]
         v = (left - right)[:2]
         return v / (np.linalg.norm(v) + 1e-9)
 
-    def eef_rotation(self) -> np.ndarray:
-        return np.array(self.sim.data.site_xmat[self.robots[0].eef_site_id["right"]].reshape(3, 3))
+    def eef_rotation(self, robot: int = 0) -> np.ndarray:
+        return np.array(self.sim.data.site_xmat[self.robots[robot].eef_site_id["right"]].reshape(3, 3))
 
     def proprio(self) -> np.ndarray:
-        """End-effector position (3), quaternion (4), gripper finger positions (2)."""
-        robot = self.robots[0]
-        site = robot.eef_site_id["right"]
-        quat = mat2quat(self.sim.data.site_xmat[site].reshape(3, 3))
-        fingers = self.sim.data.qpos[robot._ref_gripper_joint_pos_indexes["right"]]
-        return np.concatenate([self.sim.data.site_xpos[site], quat, fingers]).astype(np.float32)
+        """Per arm: end-effector position (3), quaternion (4), gripper finger positions (2)."""
+        parts = []
+        for robot in self.robots:
+            site = robot.eef_site_id["right"]
+            quat = mat2quat(self.sim.data.site_xmat[site].reshape(3, 3))
+            fingers = self.sim.data.qpos[robot._ref_gripper_joint_pos_indexes["right"]]
+            parts += [self.sim.data.site_xpos[site], quat, fingers]
+        return np.concatenate(parts).astype(np.float32)

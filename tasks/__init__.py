@@ -31,7 +31,7 @@ TASKS.register(
 
 
 #: Task fields that describe the task itself rather than a user-settable option.
-_FIXED_FIELDS = {"name", "version", "splits", "difficulties", "options"}
+_FIXED_FIELDS = {"name", "version", "splits", "difficulties", "options", "robots", "embodiment"}
 
 
 def task_options(name: str) -> dict:

@@ -94,6 +94,10 @@ class Task(ABC):
     difficulties: tuple[str | None, ...] = (None,)
     max_steps: int = 300
     options: dict = field(default_factory=dict)
+    robots: tuple[str, ...] = ("Panda",)
+    """robosuite robot names; two for bimanual tasks (side by side, robot 0 on the right)."""
+    embodiment: str = "panda"
+    """Told to policies with every observation; a new embodiment gets its own output head in DiVLA."""
 
     @abstractmethod
     def episode(self, spec: EpisodeSpec) -> TaskEpisode: ...

@@ -32,6 +32,8 @@ class PickPlaceExpert:
     release_z: float
     """Height of the gripper when it opens above the goal."""
     max_retries: int = 2
+    robot: int = 0
+    """Which arm (bimanual scenes have two)."""
     phase: str = "approach"
     retries: int = 0
     _phase_steps: int = 0
@@ -64,13 +66,13 @@ class PickPlaceExpert:
         self, env, target: np.ndarray, yaw: float | None, grip: float, gain: float = 1.0
     ) -> np.ndarray:
         act = np.zeros(7)
-        act[:3] = np.clip(gain * (target - env.eef_pos) / POS_SCALE, -1, 1)
+        act[:3] = np.clip(gain * (target - env.eef_pos_of(self.robot)) / POS_SCALE, -1, 1)
         # Keep the gripper pointing straight down; rotate about z so the fingers close along `yaw`.
-        rot = env.eef_rotation()
+        rot = env.eef_rotation(self.robot)
         down_err = np.cross(rot[:, 2], np.array([0.0, 0.0, -1.0]))
         act[3:5] = np.clip(down_err[:2] * 2.0 / ROT_SCALE, -1, 1)
         if yaw is not None:
-            axis = env.finger_axis()
+            axis = env.finger_axis(self.robot)
             err = _wrap(yaw - np.arctan2(axis[1], axis[0]))
             err = _wrap(err + np.pi) if abs(err) > np.pi / 2 else err  # fingers are symmetric
             act[5] = np.clip(err / ROT_SCALE, -1, 1)
@@ -83,13 +85,13 @@ class PickPlaceExpert:
     # --- the state machine --------------------------------------------------------------------------
     def act(self, env) -> np.ndarray:
         self._phase_steps += 1
-        eef = env.eef_pos
+        eef = env.eef_pos_of(self.robot)
         grasp, yaw = self._grasp_target(env)
         if self.phase == "approach":
             self._grasp_yaw = yaw
             above = grasp + np.array([0, 0, 0.10])
             a = self._action(env, above, yaw, -1.0)
-            axis = env.finger_axis()
+            axis = env.finger_axis(self.robot)
             yaw_err = abs(_wrap(2 * (yaw - np.arctan2(axis[1], axis[0])))) / 2
             if (np.linalg.norm(above - eef) < 0.015 and yaw_err < 0.05) or self._phase_steps > 80:
                 self._next("descend")
@@ -110,7 +112,7 @@ class PickPlaceExpert:
             # start the lift gently so the grasped object does not slip out of the fingers
             a = self._action(env, target, None, 1.0, gain=0.3 if self._phase_steps < 10 else 1.0)
             if eef[2] > SAFE_Z - 0.03 or self._phase_steps > 40:
-                if env.grasping(self.obj_index):
+                if env.grasping(self.obj_index, self.robot):
                     self._next("carry")
                 elif self.retries < self.max_retries:
                     self.retries += 1

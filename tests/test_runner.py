@@ -59,6 +59,9 @@ def test_interrupted_run_resumes_to_exactly_n_records(tmp_path, monkeypatch):
 class _Exploding:
     metadata = PolicyMetadata(name="exploding")
 
+    def __init__(self, action_dim=7):
+        self.action_dim = action_dim
+
     def reset(self, instruction, seed):
         self.seed = seed
 
