@@ -13,6 +13,7 @@ ENV_IDS = {
     "divla_eval/Sorting-v0": "sorting",
     "divla_eval/MultiTask-v0": "multitask",
     "divla_eval/NovelInstruction-v0": "novel_instruction",
+    "divla_eval/Bussing-v0": "bussing",
 }
 
 for _env_id, _task in ENV_IDS.items():

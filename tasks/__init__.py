@@ -24,6 +24,11 @@ TASKS.register(
     description="novel multi-step instructions: put two named objects in the basket in the given order",
 )
 TASKS.register(
+    "bussing",
+    "divla_eval.tasks.bussing:Bussing",
+    description="bimanual table bussing: utensils onto the left tray, trash into the right bin",
+)
+TASKS.register(
     "multitask",
     "divla_eval.tasks.multitask:MultiTask",
     description="five Franka tasks: select object, flip pot, cube to coloured box, cup on plate, cube in box",

@@ -1,0 +1,296 @@
+"""Bimanual table bussing (DiVLA paper, Sec. 4.3).
+
+Description:
+    Two Pandas stand side by side at the table. Three to five objects lie in the middle: utensils
+    (plates, cups, forks, spoons) go onto the tray on the left, trash (cans, paper balls, wrappers)
+    into the bin on the right. Instruction: "clean the table: put the utensils on the tray and the
+    trash in the bin". The left arm serves the tray and the right arm the bin, as in the paper.
+Randomizations:
+    Which objects (at least one utensil and one trash item), from the split's pool: `seen` uses seen
+    instances only, `mixed` draws at least one unseen instance; positions and yaw in the middle region.
+Success:
+    Every object rests in its receptacle (utensil: inside the tray's walls; trash: inside the bin) and
+    no arm holds anything. Partial score: objects placed correctly / objects present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from divla_eval.envs.layout import TABLE_TOP_Z
+from divla_eval.tasks.base import EpisodeSpec, Evaluation, ExpertAction, Task, TaskEpisode
+
+TRAY_POS, TRAY_SIZE = (0.0, 0.42), (0.2, 0.22, 0.03)  # left of the robots (+y)
+BIN_POS, BIN_SIZE = (0.0, -0.42), (0.2, 0.22, 0.09)  # right of the robots (-y)
+MIDDLE = (
+    (-0.12, 0.08),
+    (-0.15, 0.15),
+)  # within comfortable reach of both arms  # x and y ranges where objects start
+WALL = 0.01
+RIGHT_ARM, LEFT_ARM = 0, 1  # robosuite robot indices (robot 0 stands at -y)
+HOME = {RIGHT_ARM: (-0.2, -0.3, 1.0), LEFT_ARM: (-0.2, 0.3, 1.0)}  # out of the other arm's way
+FAILURE_MODES = ("wrong_place", "left_on_table", "dropped", "timeout")
+SLOTS = ((-0.045, -0.05), (0.045, 0.05), (0.045, -0.05), (-0.045, 0.05), (0.0, 0.0))
+MAX_ATTEMPTS = 2  # per object: a second try after a slip, then the expert moves on
+
+
+@dataclass(frozen=True)
+class Item:
+    """A bussing object: `kind` is "utensil" or "trash"; `shape` picks the builder."""
+
+    id: str
+    name: str
+    kind: str
+    shape: str
+    rgba: tuple[float, float, float, float]
+    size: float = 1.0
+    split: str = "seen"
+
+
+_W, _GREY, _RED, _BLUE = (0.92, 0.92, 0.9, 1), (0.7, 0.7, 0.72, 1), (0.8, 0.15, 0.1, 1), (0.2, 0.35, 0.85, 1)
+ITEMS = (
+    Item("plate-white", "white plate", "utensil", "plate", _W),
+    Item("cup-blue", "blue cup", "utensil", "cup", _BLUE),
+    Item("fork-silver", "silver fork", "utensil", "fork", _GREY),
+    Item("can-soda", "soda can", "trash", "can", _RED),
+    Item("paper-white", "crumpled white paper", "trash", "paper", _W),
+    Item("wrapper-red", "red wrapper", "trash", "wrapper", _RED),
+    Item("plate-green", "small green plate", "utensil", "plate", (0.2, 0.6, 0.3, 1), 0.85, "unseen"),
+    Item("cup-yellow", "yellow cup", "utensil", "cup", (0.95, 0.8, 0.2, 1), 1.1, "unseen"),
+    Item("spoon-silver", "silver spoon", "utensil", "spoon", _GREY, 1.0, "unseen"),
+    Item("paper-yellow", "crumpled yellow paper", "trash", "paper", (0.95, 0.85, 0.3, 1), 1.1, "unseen"),
+    Item("wrapper-blue", "blue wrapper", "trash", "wrapper", _BLUE, 1.2, "unseen"),
+    Item("can-small", "small soda can", "trash", "can", _RED, 0.8, "unseen"),
+)
+
+
+def build_item(item: Item, sim_name: str):
+    """Primitive-built objects (and robosuite's can), each with a grasp hint for the expert."""
+    from robosuite.models.objects import BoxObject, CylinderObject
+    from robosuite.models.objects import objects as rs_objects
+    from robosuite.models.objects.generated_objects import CompositeObject
+    from robosuite.utils.mjcf_utils import xml_path_completion
+
+    from divla_eval.envs._builders import GraspHint
+
+    s, hint = item.size, GraspHint(close_axis="y")
+
+    def composite(total, types, sizes, locs, quats=None, rgbas=None):
+        return CompositeObject(
+            name=sim_name,
+            total_size=total,
+            geom_types=types,
+            geom_sizes=sizes,
+            geom_locations=locs,
+            geom_quats=quats,
+            geom_rgbas=rgbas or [item.rgba] * len(types),
+            geom_frictions=[(1.0, 0.005, 0.0001)] * len(types),
+            density=300,
+            locations_relative_to_center=True,
+            joints="default",
+        )
+
+    if item.shape == "plate":  # a thick saucer the fingers can pinch across
+        obj = CylinderObject(name=sim_name, size=(0.03 * s, 0.012), rgba=item.rgba, density=400)
+    elif item.shape == "cup":
+        r, h = 0.022 * s, 0.03 * s
+        obj = composite(
+            (r + 0.008, r, h),
+            ["cylinder", "box"],
+            [(r, h), (0.008, 0.003, 0.6 * h)],
+            [(-0.008, 0, 0), (r, 0, 0)],
+        )
+        hint = GraspHint(offset=(-0.008, 0.0, 0.0), close_axis="y")
+    elif item.shape in ("fork", "spoon"):
+        head = (0.016, 0.014, 0.008) if item.shape == "fork" else (0.018, 0.016, 0.008)
+        obj = composite(
+            (0.075, 0.016, 0.012),
+            ["box", "box" if item.shape == "fork" else "ellipsoid"],
+            [(0.05, 0.008, 0.012), head],
+            [(-0.022, 0, 0), (0.055, 0, -0.004)],
+        )
+        hint = GraspHint(offset=(-0.022, 0.0, 0.0), close_axis="y")
+    elif item.shape == "can":
+        obj = rs_objects.MujocoXMLObject(
+            xml_path_completion("objects/can.xml"),
+            name=sim_name,
+            joints=[dict(type="free", damping="0.0005")],
+            obj_type="all",
+            duplicate_collision_geoms=True,
+            scale=0.8 * s,
+        )
+    elif item.shape == "paper":  # a crumpled, squashed ball that does not roll away
+        r = 0.02 * s
+        obj = composite((r * 1.1, r, r * 0.75), ["ellipsoid"], [(r * 1.1, r, r * 0.75)], [(0, 0, 0)])
+    elif item.shape == "wrapper":
+        obj = BoxObject(name=sim_name, size=(0.03 * s, 0.018, 0.012), rgba=item.rgba, density=200)
+    else:
+        raise ValueError(item.shape)
+    obj.grasp_hint = hint
+    return obj
+
+
+@dataclass
+class _Builder:
+    items: tuple[Item, ...]
+    key: str = field(init=False)
+
+    def __post_init__(self):
+        self.key = "bussing:" + ",".join(i.id for i in self.items)
+
+    def build(self):
+        from robosuite.models.objects import Bin
+        from robosuite.utils.placement_samplers import UniformRandomSampler
+
+        from divla_eval.envs.tabletop import SceneModel
+
+        common = dict(wall_thickness=WALL, transparent_walls=False, use_texture=False)
+        tray = Bin("tray", bin_size=TRAY_SIZE, rgba=(0.55, 0.35, 0.2, 1), **common)
+        trash_bin = Bin("trash_bin", bin_size=BIN_SIZE, rgba=(0.25, 0.25, 0.28, 1), **common)
+        objs = [build_item(item, f"obj{i}") for i, item in enumerate(self.items)]
+        sampler = UniformRandomSampler(
+            name="middle_sampler",
+            mujoco_objects=objs,
+            x_range=MIDDLE[0],
+            y_range=MIDDLE[1],
+            rotation=None,
+            rotation_axis="z",
+            ensure_object_boundary_in_range=False,
+            ensure_valid_placement=True,
+            reference_pos=(0.0, 0.0, TABLE_TOP_Z),
+            z_offset=0.002,
+        )
+        return SceneModel(
+            objects=objs,
+            fixtures=[tray, trash_bin],
+            fixture_positions=[
+                (*TRAY_POS, TABLE_TOP_Z + TRAY_SIZE[2] / 2),
+                (*BIN_POS, TABLE_TOP_Z + BIN_SIZE[2] / 2),
+            ],
+            placement=sampler,
+        )
+
+
+def _inside(pos, center, size, margin: float = 0.0) -> bool:
+    half = np.array(size[:2]) / 2 - WALL + margin
+    return bool(
+        np.all(np.abs(np.asarray(pos[:2]) - np.array(center)) < half)
+        and TABLE_TOP_Z - 0.02 < pos[2] < TABLE_TOP_Z + size[2] + 0.05 + margin
+    )
+
+
+def placed_correctly(item: Item, pos) -> bool:
+    return _inside(pos, TRAY_POS, TRAY_SIZE) if item.kind == "utensil" else _inside(pos, BIN_POS, BIN_SIZE)
+
+
+def placed_wrongly(item: Item, pos) -> bool:
+    return _inside(pos, BIN_POS, BIN_SIZE) if item.kind == "utensil" else _inside(pos, TRAY_POS, TRAY_SIZE)
+
+
+class BussingEpisode(TaskEpisode):
+    def __init__(self, spec: EpisodeSpec):
+        self.spec = spec
+        rng = np.random.default_rng(spec.seed("objects"))
+        seen = [i for i in ITEMS if i.split == "seen"]
+        pool = seen if spec.split == "seen" else list(ITEMS)
+        while True:  # at least one of each kind; `mixed` needs at least one unseen item
+            count = int(rng.integers(3, 6))
+            picks = [pool[k] for k in rng.choice(len(pool), size=count, replace=False)]
+            kinds = {p.kind for p in picks}
+            if kinds == {"utensil", "trash"} and (
+                spec.split == "seen" or any(p.split == "unseen" for p in picks)
+            ):
+                break
+        self.items = tuple(picks)
+        self.object_ids = [i.id for i in self.items]
+        self.instruction = "clean the table: put the utensils on the tray and the trash in the bin"
+        self.builder = _Builder(self.items)
+        self._queue: list[int] | None = None
+        self._current = None
+        self._drops = {True: 0, False: 0}  # drops made so far on the tray (True) and in the bin
+        self._attempts: dict[int, int] = {}
+
+    def _resting(self, env, i: int) -> bool:
+        return np.linalg.norm(env.object_velocity(i)) < 0.05 and not env.grasping(i)
+
+    def evaluate(self, env) -> Evaluation:
+        positions = env.object_positions()
+        correct = [
+            placed_correctly(item, positions[i]) and self._resting(env, i)
+            for i, item in enumerate(self.items)
+        ]
+        return Evaluation(success=all(correct), partial_score=sum(correct) / len(self.items))
+
+    def failure_mode(self, env) -> str:
+        positions = env.object_positions()
+        if any(placed_wrongly(item, positions[i]) for i, item in enumerate(self.items)):
+            return "wrong_place"
+        if any(positions[i][2] < TABLE_TOP_Z - 0.05 for i in range(len(self.items))):
+            return "dropped"
+        if env.grasping(0) or any(env.grasping(i) for i in range(len(self.items))):
+            return "timeout"
+        return "left_on_table"
+
+    def expert(self, env) -> ExpertAction:
+        """One arm at a time (the middle is shared, so the arms never reach into it together)."""
+        from divla_eval.tasks.pick_place_expert import PickPlaceExpert
+
+        positions = env.object_positions()
+        if self._queue is None:  # nearest to the centre line first: both arms reach it comfortably
+            self._queue = sorted(range(len(self.items)), key=lambda i: abs(positions[i][1]))
+        if self._current is None or self._current.done:
+            remaining = [i for i in self._queue if not placed_correctly(self.items[i], positions[i])]
+            remaining = [i for i in remaining if self._attempts.get(i, 0) < MAX_ATTEMPTS]
+            if not remaining:
+                return ExpertAction(self._idle(env, both=True), "the table is clean")
+            i = remaining[0]
+            self._attempts[i] = self._attempts.get(i, 0) + 1
+            utensil = self.items[i].kind == "utensil"
+            arm = LEFT_ARM if utensil else RIGHT_ARM
+            (gx, gy), size = (TRAY_POS, TRAY_SIZE) if utensil else (BIN_POS, BIN_SIZE)
+            # spread the drops over the receptacle so objects do not land on each other
+            slot = SLOTS[self._drops[utensil] % len(SLOTS)]
+            self._drops[utensil] += 1
+            self._current = PickPlaceExpert(
+                obj_index=i,
+                goal_xy=(gx + slot[0], gy + slot[1]),
+                release_z=TABLE_TOP_Z + size[2] + 0.08,
+                robot=arm,
+            )
+        expert = self._current
+        item = self.items[expert.obj_index]
+        action = self._idle(env, both=False)
+        action[7 * expert.robot : 7 * expert.robot + 7] = expert.act(env)
+        side = "left" if expert.robot == LEFT_ARM else "right"
+        if expert.phase in ("approach", "descend", "close", "lift"):
+            reasoning = f"grasp the {item.name} with the {side} arm"
+        elif expert.phase in ("carry", "lower", "release"):
+            reasoning = "place it on the tray" if item.kind == "utensil" else "throw it in the bin"
+        else:
+            reasoning = "the next object"
+        return ExpertAction(action=action, reasoning=reasoning)
+
+    def _idle(self, env, both: bool) -> np.ndarray:
+        """Hold each arm at its home pose, gripper open (the active arm's part is overwritten)."""
+        action = np.zeros(14)
+        for arm, home in HOME.items():
+            action[7 * arm : 7 * arm + 3] = np.clip((np.array(home) - env.eef_pos_of(arm)) / 0.05, -1, 1)
+            action[7 * arm + 6] = -1.0
+        return action
+
+
+@dataclass(frozen=True)
+class Bussing(Task):
+    """Bimanual table bussing; see the module docstring."""
+
+    name: str = "bussing"
+    version: str = "1"
+    splits: tuple[str, ...] = ("seen", "mixed")
+    max_steps: int = 1200
+    robots: tuple[str, ...] = ("Panda", "Panda")
+    embodiment: str = "bimanual_panda"
+
+    def episode(self, spec: EpisodeSpec) -> BussingEpisode:
+        return BussingEpisode(spec)
