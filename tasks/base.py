@@ -102,6 +102,10 @@ class Task(ABC):
     @abstractmethod
     def episode(self, spec: EpisodeSpec) -> TaskEpisode: ...
 
+    def max_steps_for(self, split: str) -> int:
+        """Step budget of an episode of `split` (tasks whose splits differ in length override this)."""
+        return self.max_steps
+
     def default_episodes(self, split: str) -> int:
         """How many episodes `divla-eval run` plans when --episodes is not given."""
         return 50
