@@ -24,10 +24,8 @@ from divla_eval.tasks.base import EpisodeSpec, Evaluation, ExpertAction, Task, T
 
 TRAY_POS, TRAY_SIZE = (0.0, 0.42), (0.2, 0.22, 0.03)  # left of the robots (+y)
 BIN_POS, BIN_SIZE = (0.0, -0.42), (0.2, 0.22, 0.09)  # right of the robots (-y)
-MIDDLE = (
-    (-0.12, 0.08),
-    (-0.15, 0.15),
-)  # within comfortable reach of both arms  # x and y ranges where objects start
+# x and y ranges where objects start: a strip both arms reach from above with room to spare
+MIDDLE = ((-0.2, 0.14), (-0.12, 0.12))
 WALL = 0.01
 RIGHT_ARM, LEFT_ARM = 0, 1  # robosuite robot indices (robot 0 stands at -y)
 HOME = {RIGHT_ARM: (-0.2, -0.3, 1.0), LEFT_ARM: (-0.2, 0.3, 1.0)}  # out of the other arm's way
