@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from robosuite.models.objects import BallObject, BoxObject, CapsuleObject, CylinderObject
 from robosuite.models.objects import objects as rs_objects
 from robosuite.models.objects.generated_objects import CompositeObject
@@ -67,6 +68,124 @@ def _composite(spec, sim_name, total, types, sizes, locs, quats=None):
     if mat is not None:
         obj.append_material(mat)
     return obj
+
+
+def _quat_z(angle: float) -> tuple[float, float, float, float]:
+    return (float(np.cos(angle / 2)), 0.0, 0.0, float(np.sin(angle / 2)))
+
+
+def _quat_axis(axis: int, angle: float) -> tuple[float, float, float, float]:
+    q = [float(np.cos(angle / 2)), 0.0, 0.0, 0.0]
+    q[1 + axis] = float(np.sin(angle / 2))
+    return tuple(q)
+
+
+def _rotmat(quat) -> np.ndarray:
+    w, x, y, z = quat
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def _centred_composite(spec, sim_name, parts, grasp_point, close_axis, rolling_friction=False):
+    """Build a composite from (type, size, location, quat) parts given in a frame whose z=0 is the
+    object's bottom; the composite's origin becomes the centre of the parts' bounding box (what
+    `object_corners`, placement and the zone test use), and the grasp point moves with it.
+
+    `rolling_friction` gives the geoms torsional and rolling friction (condim 6): a rigid sphere
+    rolls on forever, a stuffed toy stops where it falls over.
+    """
+    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    for kind, size, loc, quat in parts:
+        if kind == "sphere":
+            half = np.full(3, size[0])
+        elif kind == "cylinder":  # upright only
+            half = np.array([size[0], size[0], size[1]])
+        else:  # box
+            rot = _rotmat(quat) if quat is not None else np.eye(3)
+            half = np.abs(rot) @ np.asarray(size)
+        lo, hi = np.minimum(lo, np.asarray(loc) - half), np.maximum(hi, np.asarray(loc) + half)
+    centre, total = (lo + hi) / 2, (hi - lo) / 2
+    obj = _composite(
+        spec,
+        sim_name,
+        total=tuple(float(v) for v in total),
+        types=[p[0] for p in parts],
+        sizes=[tuple(p[1]) for p in parts],
+        locs=[tuple(float(v) for v in np.asarray(p[2]) - centre) for p in parts],
+        quats=[p[3] for p in parts],
+    )
+    if rolling_friction:
+        for geom in obj.get_obj().iter("geom"):
+            if geom.get("group") == "0":  # collision geoms
+                geom.set("condim", "6")
+                geom.set("friction", "1 0.01 0.005")
+    offset = tuple(float(v) for v in np.asarray(grasp_point) - centre)
+    return obj, GraspHint(offset=offset, close_axis=close_axis)
+
+
+def _glove_parts(d):
+    """A flat hand: palm, cuff, finger blocks (4, or 1 for a mitten) and a thumb pointing forward-out.
+    The thumb sits at the back half of the palm so the fingers of a gripper closing across the front
+    half of the palm do not land on it."""
+    px, py, t, fl, n = d
+    n = int(round(n))
+    parts = [("box", (px, py, t), (0.0, 0.0, t), None)]
+    parts.append(("box", (0.3 * px, 1.08 * py, 0.85 * t), (-1.3 * px + 0.002, 0.0, 0.85 * t), None))
+    if n == 1:
+        parts.append(("box", (fl / 2, 0.92 * py, 0.9 * t), (px + fl / 2 - 0.002, 0.0, 0.9 * t), None))
+    else:
+        gap = 0.003
+        fw = (2 * py - (n - 1) * gap) / n / 2
+        lengths = (0.8, 1.0, 0.95, 0.75, 0.7)[:n]
+        for k, f in enumerate(lengths):
+            y = -py + fw + k * (2 * fw + gap)
+            parts.append(("box", (f * fl / 2, fw, 0.75 * t), (px + f * fl / 2 - 0.002, y, 0.75 * t), None))
+    tl, tw, ang = 0.8 * fl, 0.0065, -0.95  # thumb length, half width, direction (forward and outwards)
+    root = np.array([-0.5 * px, -py + tw])
+    centre = root + tl / 2 * np.array([np.cos(ang), np.sin(ang)])
+    parts.append(("box", (tl / 2, tw, 0.75 * t), (centre[0], centre[1], 0.75 * t), _quat_z(ang)))
+    return parts, (0.45 * px, 0.0, t)
+
+
+def _plush_parts(d):
+    """A sitting plush toy: body on a flat seat (a sphere alone would roll away when it tips over), two
+    feet, head and ears. The fingers close front to back on the head, between the ears."""
+    rb, rh, style = d
+    head = np.array([0.0, 0.0, 2 * rb + 0.45 * rh])
+    parts = [
+        ("sphere", (rb,), (0.0, 0.0, rb), None),
+        ("cylinder", (0.75 * rb, 0.2 * rb), (0.0, 0.0, 0.2 * rb), None),
+        ("sphere", (0.42 * rb,), (0.55 * rb, 0.5 * rb, 0.42 * rb), None),
+        ("sphere", (0.42 * rb,), (0.55 * rb, -0.5 * rb, 0.42 * rb), None),
+        ("sphere", (rh,), tuple(head), None),
+    ]
+    for side in (-1, 1):
+        if style < 0.5:  # round bear ears
+            parts.append(("sphere", (0.32 * rh,), tuple(head + (0.0, side * 0.72 * rh, 0.72 * rh)), None))
+        else:  # upright pointed cat ears
+            ear = tuple(head + (0.0, side * 0.58 * rh, 0.85 * rh))
+            parts.append(("box", (0.12 * rh, 0.26 * rh, 0.3 * rh), ear, None))
+    return parts, tuple(head)
+
+
+def _hex_wrench_parts(d):
+    """An L-shaped hex key lying on a flat face. A regular hexagonal bar is exactly the union of three
+    boxes turned by 60 degrees about its axis (MuJoCo has no hexagonal prism)."""
+    w, half_long, short = d
+    r = w / np.sqrt(3)  # circumradius of the hexagon
+    parts = []
+    for k in range(3):  # long arm along x, its centre line at y = 0
+        parts.append(("box", (half_long, r / 2, w / 2), (0.0, 0.0, w / 2), _quat_axis(0, k * np.pi / 3)))
+    half_short = (short + r) / 2
+    for k in range(3):  # short arm along y at the -x end
+        loc = (-half_long + r, half_short, w / 2)
+        parts.append(("box", (r / 2, half_short, w / 2), loc, _quat_axis(1, k * np.pi / 3)))
+    return parts, (0.35 * half_long, 0.0, w / 2)
 
 
 def build_object(spec: ObjectSpec, sim_name: str):
@@ -145,6 +264,13 @@ def build_object(spec: ObjectSpec, sim_name: str):
             locs=[(0, -arm + w, 0), (-arm + w, w, 0)],
         )
         hint = GraspHint(offset=(0.3 * arm, -arm + w, 0.0), close_axis="y")
+    elif c in ("glove", "plush_toy", "hex_wrench"):
+        make = {"glove": _glove_parts, "plush_toy": _plush_parts, "hex_wrench": _hex_wrench_parts}[c]
+        parts, grasp_point = make(d)
+        plush = c == "plush_toy"
+        obj, hint = _centred_composite(
+            spec, sim_name, parts, grasp_point, "x" if plush else "y", rolling_friction=plush
+        )
     else:
         raise ValueError(f"cannot build category {c!r}")
     assert c in MESHES or spec.kind == "procedural"
