@@ -270,50 +270,6 @@ class EpisodeWorker:
         self.env.close()
 
 
-_worker: EpisodeWorker | None = None
-
-
-def _init_worker(cfg: RunConfig, run_dir: Path, video: bool) -> None:
-    global _worker
-    _worker = EpisodeWorker(cfg, run_dir, video)
-
-
-def _run_in_worker(spec):
-    return spec, _worker.run(spec)
-
-
-def _outcomes(cfg: RunConfig, run_dir: Path, todo: list, video: bool, workers: int):
-    """Yield (spec, outcome) as episodes finish; with workers > 1, in completion order."""
-    if workers == 1:
-        worker = EpisodeWorker(cfg, run_dir, video)
-        try:
-            for spec in todo:
-                yield spec, worker.run(spec)
-        finally:
-            worker.close()
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),  # no forked GL or MuJoCo state
-        initializer=_init_worker,
-        initargs=(cfg, run_dir, video),
-    )
-    try:
-        futures = [pool.submit(_run_in_worker, spec) for spec in todo]
-        for future in as_completed(futures):
-            yield future.result()
-    except BrokenProcessPool as exc:
-        raise DivlaEvalError(
-            f"a worker process died ({exc}); finished episodes are saved, rerun the same command to resume"
-        ) from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def run(
     cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = False, workers: int = 1
 ) -> RunSummary:
@@ -324,6 +280,7 @@ def run(
     """
     from tqdm import tqdm
 
+    from divla_eval.parallel import run_unordered
     from divla_eval.tasks import get_task
 
     validate(cfg)
@@ -341,7 +298,8 @@ def run(
     successes = sum(r.success for r in existing)
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, unit="ep", desc=cfg.task)
     try:
-        for spec, outcome in _outcomes(cfg, run_dir, todo, video, min(workers, max(1, len(todo)))):
+        outcomes = run_unordered(EpisodeWorker, (cfg, run_dir, video), todo, workers, "episodes")
+        for spec, outcome in outcomes:
             record = EpisodeRecord(
                 run_id=manifest["run_id"],
                 task=cfg.task,

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from divla_eval.errors import DivlaEvalError
+from divla_eval.parallel import run_unordered
 
 CAMERAS = ("front", "wrist")
 DEFAULT_SEED = 1000
@@ -276,52 +277,6 @@ class _Collector:
         self.env.close()
 
 
-_worker: _Collector | None = None
-
-
-def _init_worker(cfg: CollectConfig) -> None:
-    global _worker
-    _worker = _Collector(cfg)
-
-
-def _run_in_worker(spec) -> _Outcome:
-    return _worker.run(spec)
-
-
-def _outcomes(cfg: CollectConfig, todo: list, workers: int):
-    """Yield outcomes as episodes finish; with workers > 1 in completion order (names keep the index)."""
-    if not todo:
-        return
-    if workers == 1:
-        collector = _Collector(cfg)
-        try:
-            for spec in todo:
-                yield collector.run(spec)
-        finally:
-            collector.close()
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    pool = ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),  # no forked GL or MuJoCo state
-        initializer=_init_worker,
-        initargs=(cfg,),
-    )
-    try:
-        futures = [pool.submit(_run_in_worker, spec) for spec in todo]
-        for future in as_completed(futures):
-            yield future.result()
-    except BrokenProcessPool as exc:
-        raise DivlaEvalError(
-            f"a worker process died ({exc}); finished demos are saved, rerun the same command to resume"
-        ) from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # --- the file ------------------------------------------------------------------------------------------
 def demo_name(episode_index: int) -> str:
     return f"demo_{episode_index}"
@@ -495,7 +450,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
         )
         n_demos, ran = len(names), 0
         try:
-            for outcome in _outcomes(cfg, todo, min(workers, max(1, len(todo)))):
+            for _spec, outcome in run_unordered(_Collector, (cfg,), todo, workers, "demos"):
                 if outcome.data is None:
                     failed[outcome.spec.key] = outcome.reason or "unknown"
                 else:
