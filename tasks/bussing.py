@@ -227,7 +227,7 @@ class BussingEpisode(TaskEpisode):
             return "wrong_place"
         if any(positions[i][2] < TABLE_TOP_Z - 0.05 for i in range(len(self.items))):
             return "dropped"
-        if env.grasping(0) or any(env.grasping(i) for i in range(len(self.items))):
+        if any(env.grasping(i) for i in range(len(self.items))):
             return "timeout"
         return "left_on_table"
 
@@ -242,7 +242,7 @@ class BussingEpisode(TaskEpisode):
             remaining = [i for i in self._queue if not placed_correctly(self.items[i], positions[i])]
             remaining = [i for i in remaining if self._attempts.get(i, 0) < MAX_ATTEMPTS]
             if not remaining:
-                return ExpertAction(self._idle(env, both=True), "the table is clean")
+                return ExpertAction(self._idle(env), "the table is clean")
             i = remaining[0]
             self._attempts[i] = self._attempts.get(i, 0) + 1
             utensil = self.items[i].kind == "utensil"
@@ -259,7 +259,7 @@ class BussingEpisode(TaskEpisode):
             )
         expert = self._current
         item = self.items[expert.obj_index]
-        action = self._idle(env, both=False)
+        action = self._idle(env)
         action[7 * expert.robot : 7 * expert.robot + 7] = expert.act(env)
         side = "left" if expert.robot == LEFT_ARM else "right"
         if expert.phase in ("approach", "descend", "close", "lift"):
@@ -270,7 +270,7 @@ class BussingEpisode(TaskEpisode):
             reasoning = "the next object"
         return ExpertAction(action=action, reasoning=reasoning)
 
-    def _idle(self, env, both: bool) -> np.ndarray:
+    def _idle(self, env) -> np.ndarray:
         """Hold each arm at its home pose, gripper open (the active arm's part is overwritten)."""
         action = np.zeros(14)
         for arm, home in HOME.items():

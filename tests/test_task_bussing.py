@@ -72,11 +72,11 @@ def test_partial_score_and_wrong_place(env):
     trash = next(i for i, it in enumerate(items) if it.kind == "trash")
     _put(env, utensil, TRAY_POS)
     for _ in range(20):
-        env.advance(env.episode._idle(env.sim, both=True))
+        env.advance(env.episode._idle(env.sim))
     ev = env.episode.evaluate(env.sim)
     assert not ev.success and ev.partial_score == pytest.approx(1 / len(items))
     _put(env, trash, (TRAY_POS[0] + 0.05, TRAY_POS[1]))  # trash on the tray
     for _ in range(20):
-        env.advance(env.episode._idle(env.sim, both=True))
+        env.advance(env.episode._idle(env.sim))
     assert env.episode.failure_mode(env.sim) == "wrong_place"
     assert BIN_POS[1] < 0 < TRAY_POS[1]  # bin on the right arm's side, tray on the left's
