@@ -104,7 +104,7 @@ class DivlaEnv(gym.Env):
         self.split = split
         self.cameras = tuple(cameras)
         self.image_size = int(image_size)
-        self.max_steps = max_steps or self.task.max_steps_for(split)
+        self.max_steps = max_steps or self.task.max_steps_for(split, self.difficulty)
         self.render_mode = render_mode
         self.run_seed = run_seed
         obs_spaces = {

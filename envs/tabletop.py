@@ -211,6 +211,18 @@ class TabletopEnv(ManipulationEnv):
         v = (left - right)[:2]
         return v / (np.linalg.norm(v) + 1e-9)
 
+    def wrist_joint(self, robot: int = 0) -> tuple[float, float, float, float]:
+        """The last arm joint (it turns the gripper about its own axis): position, lower and upper
+        limit, and the sign of its world axis' z component, which says whether turning it positively
+        turns the fingers' yaw positively (+1) or negatively (-1)."""
+        r = self.robots[robot]
+        joint = r._ref_joint_indexes[-1]
+        q = float(self.sim.data.qpos[r._ref_joint_pos_indexes[-1]])
+        lo, hi = self.sim.model.jnt_range[joint]
+        body = self.sim.model.jnt_bodyid[joint]
+        axis = np.array(self.sim.data.body_xmat[body]).reshape(3, 3) @ self.sim.model.jnt_axis[joint]
+        return q, float(lo), float(hi), float(np.sign(axis[2]) or 1.0)
+
     def eef_rotation(self, robot: int = 0) -> np.ndarray:
         return np.array(self.sim.data.site_xmat[self.robots[robot].eef_site_id["right"]].reshape(3, 3))
 

@@ -102,8 +102,9 @@ class Task(ABC):
     @abstractmethod
     def episode(self, spec: EpisodeSpec) -> TaskEpisode: ...
 
-    def max_steps_for(self, split: str) -> int:
-        """Step budget of an episode of `split` (tasks whose splits differ in length override this)."""
+    def max_steps_for(self, split: str, difficulty: str | None = None) -> int:
+        """Step budget of an episode of `split` at `difficulty` (tasks whose episodes differ in length
+        override this)."""
         return self.max_steps
 
     def default_episodes(self, split: str) -> int:

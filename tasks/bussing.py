@@ -24,11 +24,16 @@ from divla_eval.tasks.base import EpisodeSpec, Evaluation, ExpertAction, Task, T
 
 TRAY_POS, TRAY_SIZE = (0.0, 0.42), (0.2, 0.22, 0.03)  # left of the robots (+y)
 BIN_POS, BIN_SIZE = (0.0, -0.42), (0.2, 0.22, 0.09)  # right of the robots (-y)
-# x and y ranges where objects start: a strip both arms reach from above with room to spare
-MIDDLE = ((-0.2, 0.14), (-0.12, 0.12))
+# x and y ranges where objects start: a strip both arms reach from above with room to spare. The
+# far edge stays at x <= 0.06: the left arm serves objects on the right side too, and beyond that its
+# elbow straightens out (a singular pose from which the controller cannot pull back).
+MIDDLE = ((-0.22, 0.06), (-0.12, 0.12))
 WALL = 0.01
 RIGHT_ARM, LEFT_ARM = 0, 1  # robosuite robot indices (robot 0 stands at -y)
-HOME = {RIGHT_ARM: (-0.2, -0.3, 1.0), LEFT_ARM: (-0.2, 0.3, 1.0)}  # out of the other arm's way
+# Where the idle arm waits: just behind and above its start pose. Parking it further out twisted its
+# elbow and wrist (the controller's posture term is weak), and the twisted arm later stalled short of
+# the objects.
+HOME = {RIGHT_ARM: (-0.15, -0.2, 1.0), LEFT_ARM: (-0.15, 0.2, 1.0)}
 FAILURE_MODES = ("wrong_place", "left_on_table", "dropped", "timeout")
 SLOTS = ((-0.045, -0.05), (0.045, 0.05), (0.045, -0.05), (-0.045, 0.05), (0.0, 0.0))
 MAX_ATTEMPTS = 2  # per object: a second try after a slip, then the expert moves on
@@ -120,8 +125,15 @@ def build_item(item: Item, sim_name: str):
             scale=0.8 * s,
         )
     elif item.shape == "paper":  # a crumpled, squashed ball that does not roll away
+        # A lump on a flat-sided core: the fingers (closing along y) press on flat faces. A plain
+        # ellipsoid touched each finger at one point and slipped out while being carried.
         r = 0.02 * s
-        obj = composite((r * 1.1, r, r * 0.75), ["ellipsoid"], [(r * 1.1, r, r * 0.75)], [(0, 0, 0)])
+        obj = composite(
+            (r * 1.1, r, r * 0.75),
+            ["box", "ellipsoid"],
+            [(r * 0.8, r, r * 0.6), (r * 1.1, r * 0.9, r * 0.75)],
+            [(0, 0, 0), (0, 0, 0)],
+        )
     elif item.shape == "wrapper":
         obj = BoxObject(name=sim_name, size=(0.03 * s, 0.018, 0.012), rgba=item.rgba, density=200)
     else:
@@ -286,7 +298,7 @@ class Bussing(Task):
     name: str = "bussing"
     version: str = "1"
     splits: tuple[str, ...] = ("seen", "mixed")
-    max_steps: int = 1200
+    max_steps: int = 1500  # ~200 steps per object, 5 at most, and room for a re-grasp or two
     robots: tuple[str, ...] = ("Panda", "Panda")
     embodiment: str = "bimanual_panda"
 

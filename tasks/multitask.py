@@ -647,7 +647,7 @@ class MultiTask(Task):
     splits: tuple[str, ...] = SUBTASKS
     max_steps: int = DEFAULT_MAX_STEPS
 
-    def max_steps_for(self, split: str) -> int:
+    def max_steps_for(self, split: str, difficulty: str | None = None) -> int:
         """The split's own budget, unless the user set `max_steps` (then that, for every split)."""
         return SUBTASK_MAX_STEPS[split] if self.max_steps == DEFAULT_MAX_STEPS else self.max_steps
 

@@ -19,6 +19,7 @@ POS_SCALE = 0.05  # metres per unit action (robosuite OSC_POSE default output_ma
 ROT_SCALE = 0.5  # radians per unit action
 SAFE_Z = TABLE_TOP_Z + 0.20
 FINGER_DEPTH = 0.025  # how far below an object's top the finger pads may reach
+WRIST_MARGIN = 0.25  # radians kept clear of the wrist joint's limits when choosing a grasp yaw
 
 
 def _wrap(a: float) -> float:
@@ -74,7 +75,12 @@ class PickPlaceExpert:
         if yaw is not None:
             axis = env.finger_axis(self.robot)
             err = _wrap(yaw - np.arctan2(axis[1], axis[0]))
-            err = _wrap(err + np.pi) if abs(err) > np.pi / 2 else err  # fingers are symmetric
+            # The fingers are symmetric, so `yaw` and `yaw + pi` grasp alike: take the smaller turn
+            # unless it would drive the wrist joint into its limit (then the arm stalls short of the
+            # object, seen in bussing after an arm's wrist had wound up on earlier objects).
+            q, lo, hi, sign = env.wrist_joint(self.robot)
+            turns = sorted((err, _wrap(err + np.pi)), key=abs)
+            err = next((t for t in turns if lo + WRIST_MARGIN < q + sign * t < hi - WRIST_MARGIN), turns[0])
             act[5] = np.clip(err / ROT_SCALE, -1, 1)
         act[6] = grip
         return act
