@@ -116,3 +116,34 @@ def test_paired_drop_on_constructed_records():
     row = drops.iloc[0]
     assert row["drop"] == pytest.approx(0.4) and row["control_rate"] == 1.0 and row["perturbed_rate"] == 0.6
     assert row["drop_ci_low"] > 0.0 and row["drop_ci_high"] <= 0.8
+
+
+VISUAL = tuple((name, 3) for name in ALL if name != "distractors")
+
+
+@pytest.mark.parametrize(
+    "task,split,difficulty",
+    [
+        ("bin_picking", "unseen", None),
+        ("sorting", "mixed", "hard"),
+        ("multitask", "flip_pot", None),
+        ("bussing", "mixed", None),
+        ("novel_instruction", "novel", None),
+    ],
+)
+def test_visual_perturbations_leave_the_expert_trajectory_bit_identical(task, split, difficulty):
+    """The scripted expert reads simulator state and renders nothing, and episode seeds exclude the
+    perturbations: under background, lighting, camera and table changes its rollout must be exactly
+    the unperturbed one. Distractors are the one perturbation that changes the expert's physics."""
+    e = DivlaEnv(task=task, split=split, difficulty=difficulty, cameras=())
+    try:
+        states = []
+        for perturbations in ((), VISUAL):
+            e.reset(options={"episode": EpisodeSpec(task, split, 1, 0, difficulty, perturbations)})
+            for _ in range(60):
+                e.advance(e.episode.expert(e.sim).action)
+            states.append(e.get_state())
+        assert len(e.perturbation_params) == len(VISUAL)
+        np.testing.assert_array_equal(states[0], states[1])
+    finally:
+        e.close()
