@@ -1,4 +1,4 @@
-"""`divla-eval`: run | list | report.
+"""`divla-eval`: run | list | report | summary.
 
 Every mistake a user can make on the command line ends in one line on stderr,
 `divla-eval: error: <what is wrong and the valid choices>`, and exit code 2, never a traceback.
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir", type=Path)
+
+    summ = sub.add_parser("summary", help="one success grid over every run directory under a folder")
+    summ.add_argument("root", type=Path, help="folder holding run directories (searched recursively)")
+    summ.add_argument("--out", type=Path, default=None, help="markdown file (default: ROOT/summary.md)")
 
     col = sub.add_parser("collect", help="record scripted-expert demonstrations to robomimic-style HDF5")
     col.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
@@ -203,6 +207,14 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_summary(args) -> int:
+    from divla_eval.report import write_summary
+
+    path = write_summary(args.root, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_collect(args) -> int:
     from divla_eval.data.collect import CollectConfig, collect
     from divla_eval.tasks import parse_task_options
@@ -243,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": _cmd_run,
             "list": _cmd_list,
             "report": _cmd_report,
+            "summary": _cmd_summary,
             "collect": _cmd_collect,
         }[args.command](args)
     except DivlaEvalError as exc:

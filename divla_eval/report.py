@@ -249,3 +249,100 @@ def write_report(run_dir: Path) -> Path:
     report_path = run_dir / "report.md"
     report_path.write_text("\n".join(lines), encoding="utf-8")
     return report_path
+
+
+SUMMARY_ROWS = ["task", "split", "difficulty", "policy"]
+VISUAL_COMPOSED = "background:3+camera:3+lighting:3+table:3"
+
+
+def _short_condition(label: str) -> str:
+    return "visual (all four):3" if label == VISUAL_COMPOSED else label
+
+
+def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Every finished episode of every run directory under `root` (found by their episodes.jsonl).
+
+    An episode that two runs share (the same episode key, policy and checkpoint, e.g. a matched
+    control run twice) is counted once, so overlapping runs cannot inflate n.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DivlaEvalError(f"{root} is not a directory")
+    run_dirs = sorted(p.parent for p in root.rglob("episodes.jsonl"))
+    if not run_dirs:
+        raise DivlaEvalError(f"no run directories (with episodes.jsonl) under {root}")
+    frames = [records_frame(EpisodeStore(d / "episodes.jsonl").load()) for d in run_dirs]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        raise DivlaEvalError(f"the runs under {root} have no finished episodes yet")
+    df = pd.concat(frames, ignore_index=True)
+    df = df.drop_duplicates(subset=["episode_key", "policy", "checkpoint_hash"], keep="first")
+    return df.reset_index(drop=True), run_dirs
+
+
+def summary_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(long, grid): one row per task x split x difficulty x policy x perturbation with n, rate, CI
+    and mean partial score; and the same as a grid with one column per perturbation condition."""
+    work = df.assign(difficulty=df["difficulty"].fillna("-"))
+    by = SUMMARY_ROWS + ["perturbation"]
+    long = success_table(work, by)
+    means = work.groupby(by, dropna=False).agg(partial=("partial_score", "mean"), steps=("steps", "mean"))
+    long = long.merge(means.reset_index(), on=by)
+    cells = [
+        f"{_pct(r.success_rate)} [{_pct(r.ci_low)}-{_pct(r.ci_high)}] n={r.n}" for r in long.itertuples()
+    ]
+    grid = long.assign(cell=cells, perturbation=long["perturbation"].map(_short_condition))
+    grid = grid.pivot(index=SUMMARY_ROWS, columns="perturbation", values="cell")
+    first = [c for c in ("none", "distractors:3") if c in grid.columns]
+    grid = grid[first + sorted(c for c in grid.columns if c not in first)].fillna("-")
+    return long, grid.reset_index()
+
+
+def write_summary(root: Path, out: Path | None = None) -> Path:
+    """Write one markdown file with the success grid over every run under `root`."""
+    df, run_dirs = load_runs(root)
+    long, grid = summary_tables(df)
+    out = Path(out) if out is not None else Path(root) / "summary.md"
+    below = long[long["success_rate"] < 0.95]
+    below_lines = [
+        f"- {r.task} {r.split} {r.difficulty} {r.policy} {_short_condition(r.perturbation)}: "
+        f"{_pct(r.success_rate)} ({r.successes}/{r.n})"
+        for r in below.itertuples()
+    ]
+    lines = [
+        f"# divla-eval summary: {Path(root)}",
+        "",
+        f"{len(df)} episodes from {len(run_dirs)} run directories. Cells: success rate, Wilson 95% CI,"
+        " episodes. Rebuild with `divla-eval summary " + str(root) + "`.",
+        "",
+        "## Success by condition",
+        "",
+        markdown_table(grid),
+        "",
+        "## Every cell",
+        "",
+        markdown_table(
+            long.assign(
+                perturbation=long["perturbation"].map(_short_condition),
+                success_rate=[_pct(x) for x in long["success_rate"]],
+                ci=[f"{_pct(lo)}-{_pct(hi)}" for lo, hi in zip(long["ci_low"], long["ci_high"])],
+                partial=long["partial"].round(3),
+                steps=long["steps"].round(0),
+            )[
+                SUMMARY_ROWS
+                + ["perturbation", "n", "successes", "errors", "success_rate", "ci", "partial", "steps"]
+            ]
+        ),
+        "",
+        f"Cells below 95% success: {len(below)}.",
+        "",
+        *below_lines,
+        *([""] if below_lines else []),
+        "## Run directories",
+        "",
+        *[f"- `{d}`" for d in run_dirs],
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out

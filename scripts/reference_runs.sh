@@ -9,7 +9,7 @@
 # only change pixels; the expert renders nothing, so its rollouts under them are bit-identical to
 # the unperturbed ones (tests/test_perturbations.py checks this for every task). They are still run:
 # one run per perturbation for the cheap tasks, the four composed in one run for sorting and bussing.
-# Every run resumes where it stopped; `scripts/expert_grid.py` then writes results/experts/grid.md.
+# Every run resumes where it stopped; `divla-eval summary` then writes results/experts/summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=results/experts
@@ -73,4 +73,4 @@ case "$stream" in
   *) echo "usage: $0 [rest|sorting|all]" >&2; exit 2 ;;
 esac
 for d in "$out"/*/; do .venv/bin/divla-eval report "$d" >/dev/null; done
-.venv/bin/python scripts/expert_grid.py
+.venv/bin/divla-eval summary "$out"

@@ -28,6 +28,7 @@ def rec(
     perturbations: list | None = None,
     failure_mode: str | None = None,
     policy: str = "random",
+    key: str | None = None,
 ) -> EpisodeRecord:
     return EpisodeRecord(
         run_id="r1",
@@ -36,7 +37,7 @@ def rec(
         split="seen",
         difficulty=None,
         episode_index=i,
-        episode_key=f"k{i}-{policy}",
+        episode_key=key or f"k{i}-{policy}",
         seed=i,
         object_ids=[obj, "bin"],
         instruction="pick it",
@@ -158,3 +159,24 @@ def test_write_report_errors_are_user_facing(tmp_path: Path) -> None:
     (tmp_path / "episodes.jsonl").write_text("")
     with pytest.raises(DivlaEvalError, match="no finished episodes"):
         write_report(tmp_path)
+
+
+def test_summary_grid_over_run_dirs_counts_shared_episodes_once(tmp_path: Path) -> None:
+    from divla_eval.report import write_summary
+
+    light = [{"name": "lighting", "level": 3}]
+    a, b = EpisodeStore(tmp_path / "a" / "episodes.jsonl"), EpisodeStore(tmp_path / "b" / "episodes.jsonl")
+    for i in range(4):
+        a.append(rec(i, success=i < 3))  # 3/4 unperturbed
+        b.append(rec(i, success=i < 3))  # the same episodes again (a shared control): not counted twice
+    b.append(rec(9, success=False, perturbations=light, key="k9-lighting"))
+    path = write_summary(tmp_path)
+    text = path.read_text()
+    assert path == tmp_path / "summary.md"
+    assert "| bin_picking | seen | - | random | 75.0% [30.1%-95.4%] n=4 | 0.0% [0.0%-79.3%] n=1 |" in text
+    assert "Cells below 95% success: 2." in text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DivlaEvalError, match="no run directories"):
+        write_summary(tmp_path / "empty")
+    with pytest.raises(DivlaEvalError, match="not a directory"):
+        write_summary(tmp_path / "missing")
