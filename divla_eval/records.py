@@ -254,7 +254,8 @@ def environment_info(cwd: Path | None = None) -> dict:
 
     Package versions come from installed metadata rather than imports, so recording them costs nothing
     and cannot fail on a broken GPU stack. ``dirty`` ignores untracked files (run dirs, venvs), which do
-    not change what the code computes.
+    not change what the code computes; ``dirty_files`` names the changed files, so a reader can tell
+    whether the uncommitted change touched the code the run used.
     """
     cwd = Path.cwd() if cwd is None else Path(cwd)
     commit = _git(["rev-parse", "HEAD"], cwd)
@@ -272,5 +273,6 @@ def environment_info(cwd: Path | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "git_commit": commit.strip() if commit is not None else None,
         "dirty": bool(status.strip()) if status is not None else None,
+        "dirty_files": sorted(line[3:] for line in status.splitlines() if line.strip()) if status else [],
         "packages": versions,
     }

@@ -185,5 +185,7 @@ def test_environment_info_reports_commit_and_dirty(tmp_path: Path) -> None:
     info = environment_info(cwd=tmp_path)
     assert info["git_commit"] is not None and len(info["git_commit"]) == 40
     assert info["dirty"] is False  # untracked files (run dirs, venvs) do not change the code
+    assert info["dirty_files"] == []
     (tmp_path / "a.txt").write_text("2")
-    assert environment_info(cwd=tmp_path)["dirty"] is True
+    info = environment_info(cwd=tmp_path)
+    assert info["dirty"] is True and info["dirty_files"] == ["a.txt"]
