@@ -1,0 +1,114 @@
+"""DiVLA's configuration: one typed dataclass, saved as config.json beside the weights.
+
+The defaults are the small model that trains on a 2-core CPU (a few million parameters). A user with
+real weights points `vision_pretrained` at a SigLIP directory and `vlm_pretrained` at a Qwen2 or
+Qwen2-VL directory; the sizes below are then read from those checkpoints instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from divla_eval.errors import ConfigMismatchError, CorruptFileError
+
+
+@dataclass
+class DiVLAConfig:
+    # --- vision: one SigLIP encoder shared by every camera --------------------------------------------
+    cameras: tuple[str, ...] = ("front", "wrist")
+    view_tokens: tuple[int, ...] = (36, 16)
+    """Visual tokens per camera (view-adaptive tokenisation): the front view keeps its whole patch
+    grid, the wrist view is pooled to 16 tokens as in the paper. Each must be a square number."""
+    image_size: int = 84
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    patch_size: int = 14
+
+    # --- language backbone (Qwen2 decoder) ------------------------------------------------------------
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 512
+    vocab_size: int = 512
+    """Target size of the BPE vocabulary learnt from the demonstrations (from-scratch backbones only)."""
+    max_reasoning_tokens: int = 24
+
+    # --- action path ------------------------------------------------------------------------------------
+    num_action_tokens: int = 4
+    projector_dim: int = 128
+    chunk: int = 16
+    """Actions predicted per call."""
+    execute_steps: int = 8
+    """Actions executed per call before the next one (the runner's replanning period)."""
+    action_latent: int = 32
+    """Channels of the shared diffusion UNet; each embodiment's head maps its actions in and out."""
+    proprio_latent: int = 32
+    unet_down_dims: tuple[int, ...] = (32, 64)
+    step_embed_dim: int = 32
+    train_diffusion_steps: int = 100
+    inference_steps: int = 10
+    embodiments: dict[str, tuple[int, int]] = field(default_factory=lambda: {"panda": (7, 9)})
+    """Embodiment name -> (action dim, proprio dim); each gets its own in/out head."""
+
+    # --- reasoning and loss -------------------------------------------------------------------------
+    reasoning_injection: bool = True
+    """FiLM the reasoning embedding into every action-head block. False is TinyVLA's head (ablation)."""
+    alpha: float = 10.0
+    """L = L_diff + alpha * L_ntp."""
+
+    # --- fine-tuning ------------------------------------------------------------------------------------
+    freeze_vision: bool = False
+    freeze_vlm: bool = False
+    lora_rank: int = 0
+    """> 0 tunes the language backbone through LoRA adapters of this rank (peft); 0 tunes it fully."""
+
+    # --- pretrained backbones -------------------------------------------------------------------------
+    vision_pretrained: str | None = None
+    vlm_pretrained: str | None = None
+    vision_config: dict[str, Any] | None = None
+    """Filled in when the model is built: the exact HF configs, so a checkpoint rebuilds offline."""
+    text_config: dict[str, Any] | None = None
+    text_model_type: str = "qwen2"
+    """"qwen2" (a Qwen2 decoder) or "qwen2_vl" (the text decoder of a Qwen2-VL checkpoint)."""
+
+    def __post_init__(self):
+        self.cameras = tuple(self.cameras)
+        self.view_tokens = tuple(int(v) for v in self.view_tokens)
+        self.unet_down_dims = tuple(self.unet_down_dims)
+        self.embodiments = {k: tuple(v) for k, v in self.embodiments.items()}
+        if len(self.cameras) != len(self.view_tokens):
+            raise ValueError(f"one token count per camera: {self.cameras} vs {self.view_tokens}")
+        for n in self.view_tokens:
+            if round(n**0.5) ** 2 != n:
+                raise ValueError(f"view_tokens must be square numbers, got {n}")
+        if self.chunk % 2 ** (len(self.unet_down_dims) - 1):
+            raise ValueError(f"chunk {self.chunk} must be divisible by 2**(len(unet_down_dims)-1)")
+        if not 1 <= self.execute_steps <= self.chunk:
+            raise ValueError(f"execute_steps must be in 1..chunk, got {self.execute_steps}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiVLAConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigMismatchError(f"unknown DiVLA config keys {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> DiVLAConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CorruptFileError(f"{path} is not a valid DiVLA config: {exc}") from exc

@@ -1,0 +1,414 @@
+"""The DiVLA network (Wen et al., Diffusion-VLA, arXiv 2412.03293), at any size.
+
+Data flow of one call:
+
+    camera images --SigLIP (shared)--> patch grid per view --pool--> 36 front + 16 wrist tokens
+        --mm projector--> language-model embeddings
+    [visual tokens, instruction, "reasoning:"] --Qwen2 decoder, greedy, KV cache--> reasoning text
+    [..., reasoning, </s>, action tokens x K] --decoder--> K hidden states --projector (MLP+LN)-->
+        global condition of a 1-D diffusion UNet over the action chunk (+ proprioception)
+    reasoning embedding r (mean hidden state over the reasoning tokens) --FiLM--> every UNet block
+    embodiment head: actions -> UNet channels -> actions, one small head per robot (single arm,
+        bimanual); a new robot adds a head and leaves every shared weight alone.
+
+Training teacher-forces the expert's reasoning phrase and minimises L_diff + alpha * L_ntp. Sequences
+in a batch are left-padded, so the action tokens always sit at the last K positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from divla_eval.divla.config import DiVLAConfig
+from divla_eval.nn.cond_unet1d import ConditionalUnet1D
+
+PROMPT_SUFFIX = " reasoning:"
+"""Ends the prompt, so the decoder knows where its own text begins (works with any tokenizer)."""
+
+
+def build_vision(cfg: DiVLAConfig):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    if cfg.vision_pretrained and cfg.vision_config is None:
+        model = SiglipVisionModel.from_pretrained(cfg.vision_pretrained)
+        cfg.vision_config = model.config.to_dict()
+        return model
+    if cfg.vision_config is None:
+        cfg.vision_config = SiglipVisionConfig(
+            hidden_size=cfg.vision_hidden,
+            intermediate_size=2 * cfg.vision_hidden,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+        ).to_dict()
+    return SiglipVisionModel(SiglipVisionConfig(**_clean(cfg.vision_config)))
+
+
+def build_language_model(cfg: DiVLAConfig, vocab_size: int, special_ids: dict[str, int]):
+    """(decoder, lm_head): a Qwen2 decoder without its head, and the head, so that the action tokens'
+    hidden states and the next-token logits come from one pass."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    if cfg.vlm_pretrained and cfg.text_config is None:
+        return _load_pretrained_language_model(cfg)
+    if cfg.text_config is None:
+        cfg.text_config = Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_intermediate,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            num_key_value_heads=cfg.text_kv_heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **special_ids,
+        ).to_dict()
+        cfg.text_model_type = "qwen2"
+    if cfg.text_model_type == "qwen2_vl":
+        from transformers import Qwen2VLTextConfig
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+
+        text_cfg = Qwen2VLTextConfig(**_clean(cfg.text_config))
+        decoder = Qwen2VLTextModel(text_cfg)
+    else:
+        text_cfg = Qwen2Config(**_clean(cfg.text_config))
+        decoder = Qwen2Model(text_cfg)
+    return decoder, nn.Linear(text_cfg.hidden_size, text_cfg.vocab_size, bias=False)
+
+
+def _load_pretrained_language_model(cfg: DiVLAConfig):
+    """A real checkpoint directory: Qwen2 (causal LM) or Qwen2-VL (its text decoder; its own vision
+    tower is dropped, DiVLA's vision is SigLIP)."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(cfg.vlm_pretrained).model_type
+    if model_type == "qwen2_vl":
+        from transformers import Qwen2VLForConditionalGeneration
+
+        full = Qwen2VLForConditionalGeneration.from_pretrained(cfg.vlm_pretrained)
+        decoder, head = full.model.language_model, full.lm_head
+        cfg.text_model_type = "qwen2_vl"
+    elif model_type == "qwen2":
+        from transformers import Qwen2ForCausalLM
+
+        full = Qwen2ForCausalLM.from_pretrained(cfg.vlm_pretrained)
+        decoder, head = full.model, full.lm_head
+        cfg.text_model_type = "qwen2"
+    else:
+        raise ValueError(f"{cfg.vlm_pretrained}: model_type {model_type!r}; DiVLA takes qwen2 or qwen2_vl")
+    cfg.text_config = decoder.config.to_dict()
+    if head.weight is decoder.get_input_embeddings().weight:  # tied: untie, safetensors stores each once
+        head = nn.Linear(head.in_features, head.out_features, bias=False)
+        head.weight.data.copy_(decoder.get_input_embeddings().weight.data)
+    return decoder, head
+
+
+def _clean(d: dict) -> dict:
+    """An HF config dict without the keys that describe the saved file rather than the model."""
+    return {k: v for k, v in d.items() if k not in ("transformers_version", "architectures", "_name_or_path")}
+
+
+class EmbodimentHead(nn.Module):
+    """The robot-specific ends of the action head: actions in, actions out, proprioception in, and
+    the robot's normalisation statistics (buffers, so they travel inside the weights file)."""
+
+    def __init__(self, action_dim: int, proprio_dim: int, latent: int, proprio_latent: int):
+        super().__init__()
+        self.action_dim, self.proprio_dim = action_dim, proprio_dim
+        self.inp = nn.Linear(action_dim, latent)
+        self.out = nn.Sequential(nn.Linear(latent, latent), nn.Mish(), nn.Linear(latent, action_dim))
+        self.proprio = nn.Sequential(nn.Linear(proprio_dim, proprio_latent), nn.Mish())
+        self.register_buffer("action_min", -torch.ones(action_dim))
+        self.register_buffer("action_max", torch.ones(action_dim))
+        self.register_buffer("proprio_mean", torch.zeros(proprio_dim))
+        self.register_buffer("proprio_std", torch.ones(proprio_dim))
+
+    def set_stats(self, action_min, action_max, proprio_mean, proprio_std) -> None:
+        for name, value in zip(
+            ("action_min", "action_max", "proprio_mean", "proprio_std"),
+            (action_min, action_max, proprio_mean, proprio_std),
+        ):
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+
+    def normalize_actions(self, a: torch.Tensor) -> torch.Tensor:
+        """To [-1, 1] per dimension (min-max, as Diffusion Policy); constant dimensions map to 0."""
+        span = (self.action_max - self.action_min).clamp(min=1e-6)
+        return (2 * (a - self.action_min) / span - 1).clamp(-1, 1)
+
+    def unnormalize_actions(self, a: torch.Tensor) -> torch.Tensor:
+        span = (self.action_max - self.action_min).clamp(min=1e-6)
+        return (a + 1) / 2 * span + self.action_min
+
+    def normalize_proprio(self, p: torch.Tensor) -> torch.Tensor:
+        return (p - self.proprio_mean) / self.proprio_std.clamp(min=1e-3)
+
+
+@dataclass
+class DiVLAOutput:
+    actions: torch.Tensor
+    """[B, chunk, action_dim] in the robot's action units."""
+    reasoning_ids: list[list[int]]
+    reasoning_embedding: torch.Tensor
+
+
+class DiVLAModel(nn.Module):
+    def __init__(self, cfg: DiVLAConfig, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
+            tokenizer.pad_token = tokenizer.eos_token
+        special = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        self.vision = build_vision(cfg)
+        self.decoder, self.lm_head = build_language_model(cfg, len(tokenizer), special)
+        vh = self.vision.config.hidden_size
+        th = self.decoder.config.hidden_size
+        self.mm_projector = nn.Sequential(nn.Linear(vh, th), nn.GELU(), nn.Linear(th, th))
+        self.view_embed = nn.Parameter(torch.zeros(len(cfg.cameras), th))
+        self.action_tokens = nn.Parameter(torch.randn(cfg.num_action_tokens, th) * 0.02)
+        # LLaVA-style projector from the action tokens' hidden states into the action head
+        self.projector = nn.Sequential(
+            nn.Linear(th, cfg.projector_dim),
+            nn.GELU(),
+            nn.Linear(cfg.projector_dim, cfg.projector_dim),
+            nn.LayerNorm(cfg.projector_dim),
+        )
+        self.unet = ConditionalUnet1D(
+            input_dim=cfg.action_latent,
+            cond_dim=cfg.num_action_tokens * cfg.projector_dim + cfg.proprio_latent,
+            film_dim=th if cfg.reasoning_injection else 0,
+            down_dims=cfg.unet_down_dims,
+            step_embed_dim=cfg.step_embed_dim,
+        )
+        self.heads = nn.ModuleDict()
+        for name, (action_dim, proprio_dim) in cfg.embodiments.items():
+            self.heads[name] = EmbodimentHead(action_dim, proprio_dim, cfg.action_latent, cfg.proprio_latent)
+        sched = dict(
+            num_train_timesteps=cfg.train_diffusion_steps,
+            beta_schedule="squaredcos_cap_v2",
+            clip_sample=True,
+            prediction_type="epsilon",
+        )
+        self.train_scheduler = DDPMScheduler(**sched)
+        self.infer_scheduler = DDIMScheduler(**sched, set_alpha_to_one=True, steps_offset=0)
+        self._apply_finetuning()
+
+    # --- set-up -----------------------------------------------------------------------------------------
+    def _apply_finetuning(self) -> None:
+        cfg = self.cfg
+        if cfg.freeze_vision:
+            self.vision.requires_grad_(False)
+        if cfg.lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=2 * cfg.lora_rank,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                lora_dropout=0.0,
+            )
+            self.decoder = get_peft_model(self.decoder, lora)  # freezes the base weights itself
+            self.lm_head.requires_grad_(False)
+        elif cfg.freeze_vlm:
+            self.decoder.requires_grad_(False)
+            self.lm_head.requires_grad_(False)
+
+    def add_embodiment(self, name: str, action_dim: int, proprio_dim: int) -> EmbodimentHead:
+        """A new robot: a freshly initialised head; the shared weights are not touched."""
+        if name in self.heads:
+            raise ValueError(f"embodiment {name!r} exists already (heads: {list(self.heads)})")
+        head = EmbodimentHead(action_dim, proprio_dim, self.cfg.action_latent, self.cfg.proprio_latent)
+        self.heads[name] = head.to(self.action_tokens.device)
+        self.cfg.embodiments[name] = (action_dim, proprio_dim)
+        return head
+
+    # --- pieces -----------------------------------------------------------------------------------------
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(ids)
+
+    def encode_images(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """images: camera -> float [B, 3, H, W] in [0, 1]. Returns [B, sum(view_tokens), hidden]."""
+        views = torch.stack([images[c] for c in self.cfg.cameras], dim=1)  # [B, V, 3, H, W]
+        b, v = views.shape[:2]
+        pixels = (views.flatten(0, 1) - 0.5) / 0.5  # SigLIP's normalisation
+        size = self.vision.config.image_size
+        feats = self.vision(
+            pixel_values=pixels, interpolate_pos_encoding=pixels.shape[-1] != size
+        ).last_hidden_state  # [B*V, P, vh]
+        side = int(math.isqrt(feats.shape[1]))
+        grid = feats.transpose(1, 2).reshape(b, v, -1, side, side)
+        tokens = []
+        for i, n in enumerate(self.cfg.view_tokens):
+            k = int(math.isqrt(n))
+            pooled = F.adaptive_avg_pool2d(grid[:, i], k) if k != side else grid[:, i]
+            t = self.mm_projector(pooled.flatten(2).transpose(1, 2))  # [B, n, th]
+            tokens.append(t + self.view_embed[i])
+        return torch.cat(tokens, dim=1)
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []  # Qwen2's tokenizer has none
+        return [*bos, *tok(instruction + PROMPT_SUFFIX, add_special_tokens=False).input_ids]
+
+    def reasoning_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids[: self.cfg.max_reasoning_tokens]
+        return [*ids, self.tokenizer.eos_token_id]
+
+    def _condition(self, action_hidden: torch.Tensor, proprio: torch.Tensor, head: EmbodimentHead):
+        proprio = head.proprio(head.normalize_proprio(proprio))
+        return torch.cat([self.projector(action_hidden).flatten(1), proprio], dim=-1)
+
+    def _eps(self, head, x, t, cond, r_emb):
+        film = r_emb if self.cfg.reasoning_injection else None
+        return head.out(self.unet(head.inp(x), t, cond, film))
+
+    # --- training ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        images: dict[str, torch.Tensor],
+        proprio: torch.Tensor,
+        instructions: list[str],
+        reasonings: list[str],
+        actions: torch.Tensor,
+        embodiment: str,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Losses on a batch of raw `actions` [B, chunk, A] and `proprio` [B, P]. Chunks that run past
+        a demo's end repeat its last action and train like the rest ("stay put"), as in Diffusion Policy."""
+        head = self.heads[embodiment]
+        vis = self.encode_images(images)
+        b, n_vis, dev = vis.shape[0], vis.shape[1], vis.device
+        k = self.cfg.num_action_tokens
+        prompts = [self.prompt_ids(s) for s in instructions]
+        reasons = [self.reasoning_ids(s) for s in reasonings]
+        text_len = [len(p) + len(r) for p, r in zip(prompts, reasons)]
+        seq_len = n_vis + max(text_len) + k
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((b, seq_len - n_vis - k), pad, dtype=torch.long)
+        labels = torch.full((b, seq_len), -100, dtype=torch.long)
+        mask = torch.zeros(b, seq_len, dtype=torch.long)
+        is_reason = torch.zeros(b, seq_len, dtype=torch.bool)
+        vis_start = torch.zeros(b, dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompts, reasons)):
+            off = max(text_len) - text_len[i]  # left padding
+            ids[i, off:] = torch.tensor(p + r)
+            start = off + n_vis  # first text position in the full sequence
+            mask[i, off:] = 1
+            r0 = start + len(p)
+            labels[i, r0 : r0 + len(r)] = torch.tensor(r)
+            is_reason[i, r0 : r0 + len(r)] = True
+            vis_start[i] = off
+        ids, labels, mask, is_reason = ids.to(dev), labels.to(dev), mask.to(dev), is_reason.to(dev)
+        text_emb = self.embed_tokens(ids)
+        # assemble [pad.., vis, prompt, reasoning, act] per row: visual tokens go right after the padding
+        emb = torch.zeros(b, seq_len, vis.shape[-1], device=dev, dtype=vis.dtype)
+        for i in range(b):
+            off = int(vis_start[i])
+            emb[i, off : off + n_vis] = vis[i]
+            emb[i, off + n_vis : seq_len - k] = text_emb[i, off:]
+        emb[:, seq_len - k :] = self.action_tokens
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.decoder(
+            inputs_embeds=emb, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        # next-token prediction on the reasoning (and its </s>): the hidden state at p-1 predicts the
+        # token at p; the vocabulary projection runs only where there is a target
+        targets = labels[:, 1:]
+        where = targets != -100
+        l_ntp = F.cross_entropy(self.lm_head(hidden[:, :-1][where]), targets[where])
+        weights = is_reason.float()
+        r_emb = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
+        cond = self._condition(hidden[:, -k:], proprio, head)
+        actions = head.normalize_actions(actions)
+        noise = torch.randn(actions.shape, generator=generator, device=dev)
+        t = torch.randint(0, self.cfg.train_diffusion_steps, (b,), generator=generator, device=dev)
+        noisy = self.train_scheduler.add_noise(actions, noise, t)
+        l_diff = F.mse_loss(self._eps(head, noisy, t, cond, r_emb), noise)
+        return {"loss": l_diff + self.cfg.alpha * l_ntp, "l_diff": l_diff, "l_ntp": l_ntp}
+
+    # --- inference --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_reasoning(self, prefix: torch.Tensor):
+        """Greedy decoding with the decoder's KV cache. prefix: [1, L, hidden] embeddings.
+
+        Returns (token ids, the cache, the hidden states of the generated tokens so far). Each step
+        feeds one token: the cache holds every earlier key and value.
+        """
+        out = self.decoder(inputs_embeds=prefix, use_cache=True)
+        cache, hiddens, ids = out.past_key_values, [], []
+        logits = self.lm_head(out.last_hidden_state[:, -1])
+        eos = self.tokenizer.eos_token_id
+        for _ in range(self.cfg.max_reasoning_tokens):
+            tok = int(logits.argmax(-1))
+            if tok == eos:
+                break
+            ids.append(tok)
+            out = self.decoder(
+                inputs_embeds=self.embed_tokens(torch.tensor([[tok]], device=prefix.device)),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            hiddens.append(out.last_hidden_state[:, -1])
+            logits = self.lm_head(out.last_hidden_state[:, -1])
+        return ids, cache, hiddens
+
+    @torch.no_grad()
+    def act(
+        self,
+        images: dict[str, torch.Tensor],
+        proprio: torch.Tensor,
+        instruction: str,
+        embodiment: str,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        reasoning: str | None = None,
+    ) -> DiVLAOutput:
+        """One policy call for one observation (batch 1). `reasoning` forces the phrase instead of
+        generating it (teacher forcing at test time; used to check that FiLM is wired)."""
+        head = self.heads[embodiment]
+        dev = proprio.device
+        vis = self.encode_images(images)
+        prompt = self.embed_tokens(torch.tensor([self.prompt_ids(instruction)], device=dev))
+        prefix = torch.cat([vis, prompt], dim=1)
+        eos = self.tokenizer.eos_token_id
+        if reasoning is None:
+            ids, cache, hiddens = self.generate_reasoning(prefix)
+            eos_emb = self.embed_tokens(torch.tensor([[eos]], device=dev))
+            tail = torch.cat([eos_emb, self.action_tokens[None]], dim=1)
+            out = self.decoder(inputs_embeds=tail, past_key_values=cache, use_cache=True).last_hidden_state
+            hiddens.append(out[:, 0])
+            r_emb = torch.stack(hiddens, 1).mean(1)
+        else:
+            ids = self.reasoning_ids(reasoning)[:-1]
+            reason = self.embed_tokens(torch.tensor([ids + [eos]], device=dev))
+            seq = torch.cat([prefix, reason, self.action_tokens[None]], dim=1)
+            hidden = self.decoder(inputs_embeds=seq, use_cache=False).last_hidden_state
+            n = reason.shape[1]
+            out = hidden[:, -(n + self.cfg.num_action_tokens) :]
+            r_emb = out[:, :n].mean(1)
+            out = out[:, n - 1 :]  # keep the layout [eos, actions...] of the generating branch
+        cond = self._condition(out[:, 1:], proprio, head)
+        x = (
+            noise
+            if noise is not None
+            else torch.randn((1, self.cfg.chunk, head.action_dim), generator=generator, device=dev)
+        )
+        sched = self.infer_scheduler
+        sched.set_timesteps(self.cfg.inference_steps)
+        for t in sched.timesteps:
+            x = sched.step(self._eps(head, x, t, cond, r_emb), t, x).prev_sample
+        return DiVLAOutput(
+            actions=head.unnormalize_actions(x), reasoning_ids=[ids], reasoning_embedding=r_emb
+        )

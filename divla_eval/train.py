@@ -1,0 +1,276 @@
+"""`divla-eval train`: one training loop for every learned policy, on `divla-eval collect` demos.
+
+Every policy trains the same way (same data, sampler, optimiser, schedule and step budget), so a
+comparison between them measures the models, not the loops. A policy takes part by registering a
+`Recipe`: how to build its model from a dataset, its loss on a batch, and how to save and load it.
+
+The output directory is the policy checkpoint (loadable with `--checkpoint OUT`) plus:
+    train_log.jsonl     one line per logged step (losses, learning rate, seconds)
+    losses.png          the loss curves
+    checkpoint/         the latest periodic checkpoint: weights, optimiser and trainer state.
+Interrupting loses at most `checkpoint_every` steps: rerunning the same command resumes from
+checkpoint/, with the data order derived from (seed, step) so the continuation is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from divla_eval.errors import ConfigMismatchError, DivlaEvalError
+from divla_eval.registry import Registry
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the shared loop trains one policy (all callables take/return torch objects)."""
+
+    build: Callable[..., Any]
+    """build(dataset, options: dict) -> model (an nn.Module with .cfg)."""
+    loss: Callable[..., dict]
+    """loss(model, batch, generator) -> {"loss": tensor, other named scalar tensors}."""
+    save: Callable[..., None]
+    """save(model, path, meta: dict) writes a loadable policy checkpoint."""
+    load: Callable[..., Any]
+    """load(path) -> model, to resume."""
+    dataset_kwargs: Callable[..., dict]
+    """dataset_kwargs(options) -> DemoDataset arguments (chunk, obs_horizon, cameras)."""
+
+
+RECIPES: Registry = Registry("trainable policy")
+RECIPES.register("divla", "divla_eval.divla.train:RECIPE", description="DiVLA (reasoning + diffusion head)")
+
+
+@dataclass
+class TrainConfig:
+    policy: str
+    demos: Path
+    out: Path
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 10
+    threads: int = 2
+    options: dict[str, Any] = field(default_factory=dict)
+    """Policy config overrides, e.g. {"reasoning_injection": False}."""
+
+    def resume_key(self) -> dict:
+        """What must match to resume (steps may grow: training further is allowed)."""
+        d = dataclasses.asdict(self)
+        d.pop("steps")
+        d.pop("out")
+        d["demos"] = str(Path(self.demos).resolve())
+        return json.loads(json.dumps(d, default=str))
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    RECIPES.check_name(cfg.policy)
+    if not Path(cfg.demos).is_file():
+        raise DivlaEvalError(
+            f"demonstrations file {cfg.demos} does not exist (make one with `divla-eval collect`)"
+        )
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise DivlaEvalError("--steps and --batch-size must be >= 1")
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% (Diffusion Policy's and OpenVLA's shape)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _batches(dataset, cfg: TrainConfig, start_step: int):
+    """An endless stream of shuffled batches; epoch e's order comes from (seed, e), so a resumed run
+    sees the same batches it would have seen."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from divla_eval.data.dataset import collate
+
+    per_epoch = max(1, len(dataset) // cfg.batch_size)
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        loader = DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g, collate_fn=collate
+        )
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train (or resume); returns a summary dict (steps, seconds, final losses, paths)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from divla_eval.data.dataset import DemoDataset
+
+    _check_inputs(cfg)
+    recipe: Recipe = RECIPES.get(cfg.policy)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    state_path = ckpt / "trainer_state.json"
+    out.mkdir(parents=True, exist_ok=True)
+
+    ds_kwargs = recipe.dataset_kwargs(cfg.options)
+    dataset = DemoDataset(cfg.demos, demos=_split(cfg.demos), **ds_kwargs)
+    if len(dataset) < cfg.batch_size:
+        raise DivlaEvalError(
+            f"{cfg.demos} has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}"
+        )
+
+    start = 0
+    torch.manual_seed(cfg.seed)
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state["key"] != cfg.resume_key():
+            diff = sorted(k for k in state["key"] if state["key"].get(k) != cfg.resume_key().get(k))
+            raise ConfigMismatchError(
+                f"{out} holds training with other settings ({', '.join(diff)} differ); use another --out"
+            )
+        model = recipe.load(ckpt)
+        start = int(state["step"])
+    else:
+        model = recipe.build(dataset, dict(cfg.options))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if start:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if start >= cfg.steps:
+        print(f"{out}: already trained for {start} >= {cfg.steps} steps; nothing to do")
+        return _finish(cfg, recipe, model, start, 0.0, dataset)
+
+    log_path = out / "train_log.jsonl"
+    _truncate_log(log_path, start)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
+    batches = _batches(dataset, cfg, start)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {cfg.policy}", unit="step")
+    t0 = time.perf_counter()
+    try:
+        with open(log_path, "a") as log:
+            for step in range(start, cfg.steps):
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(cfg, step)
+                losses = recipe.loss(model, next(batches), gen)
+                opt.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    row = {k: round(float(v.detach()), 6) for k, v in losses.items()}
+                    row.update(step=step, lr=_lr_at(cfg, step), seconds=round(time.perf_counter() - t0, 2))
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if _is_loss(k)})
+                bar.update(1)
+                done = step + 1
+                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    _save_checkpoint(cfg, recipe, model, opt, done)
+    except KeyboardInterrupt:
+        bar.close()
+        raise
+    bar.close()
+    return _finish(cfg, recipe, model, cfg.steps, time.perf_counter() - t0, dataset, opt)
+
+
+def _is_loss(key: str) -> bool:
+    return key == "loss" or key.startswith("l_")
+
+
+def _open_demos(path):
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DivlaEvalError(f"{path} is not a readable HDF5 demonstrations file ({exc})") from exc
+
+
+def _split(path) -> str | None:
+    """Train on the file's `train` mask when it has one (the `valid` demos stay unseen)."""
+    with _open_demos(path) as f:
+        return "train" if "mask/train" in f and len(f["mask/train"]) else None
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drop log rows past the resumed step (they came from work lost with the interruption)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r)["step"] < start]
+    path.write_text("".join(r + "\n" for r in kept))
+
+
+def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, opt, step: int) -> None:
+    import torch
+
+    ckpt = Path(cfg.out) / "checkpoint"
+    recipe.save(model, ckpt, {"step": step})
+    tmp = ckpt / "optimizer.pt.tmp"
+    torch.save(opt.state_dict(), tmp)
+    tmp.replace(ckpt / "optimizer.pt")
+    state = {"step": step, "key": cfg.resume_key()}
+    (ckpt / "trainer_state.json.tmp").write_text(json.dumps(state, indent=2))
+    (ckpt / "trainer_state.json.tmp").replace(ckpt / "trainer_state.json")
+
+
+def _finish(cfg: TrainConfig, recipe: Recipe, model, step: int, seconds: float, dataset, opt=None) -> dict:
+    out = Path(cfg.out)
+    meta = {
+        "policy": cfg.policy,
+        "steps": step,
+        "demos": str(cfg.demos),
+        "env_args": dataset.env_args,
+        "train_config": cfg.resume_key(),
+        "train_seconds_this_session": round(seconds, 1),
+    }
+    model.eval()
+    recipe.save(model, out, meta)
+    if opt is not None:
+        _save_checkpoint(cfg, recipe, model, opt, step)
+    log_path = out / "train_log.jsonl"
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    if rows:
+        plot_losses(rows, out / "losses.png", title=f"{cfg.policy} on {Path(cfg.demos).name}")
+    final = rows[-1] if rows else {}
+    return {"out": str(out), "steps": step, "seconds": seconds, "final": final}
+
+
+def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
+    """One panel per loss term, raw and smoothed (log scale: diffusion losses span decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    keys = [k for k in df.columns if _is_loss(k)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.plot(df["step"], df[k], alpha=0.3, lw=0.8)
+        ax.plot(df["step"], df[k].rolling(10, min_periods=1).mean(), lw=1.5)
+        ax.set_yscale("log")
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
