@@ -1,4 +1,4 @@
-"""`divla-eval`: run | list | report | summary.
+"""`divla-eval`: run | train | collect | list | report | summary.
 
 Every mistake a user can make on the command line ends in one line on stderr,
 `divla-eval: error: <what is wrong and the valid choices>`, and exit code 2, never a traceback.
@@ -46,6 +46,16 @@ def _option(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _value(text: str):
+    """A config value from the command line: JSON when it parses (3, 0.5, false, [36, 16]), else text."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
     col.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
     col.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    tr = sub.add_parser("train", help="train a learned policy on `divla-eval collect` demonstrations")
+    tr.add_argument("--policy", default="divla", help="trainable policy (default: divla)")
+    tr.add_argument("--task", default=None, help="the task the demos must come from (checked when given)")
+    tr.add_argument("--demos", type=Path, required=True, help="demonstrations file (.hdf5)")
+    tr.add_argument("--out", type=Path, required=True, help="checkpoint directory (rerun to resume)")
+    tr.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps in total")
+    tr.add_argument("--batch-size", type=_positive_int, default=32)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
+    tr.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="policy config override, e.g. reasoning_injection=false or alpha=1",
+    )
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -215,6 +245,36 @@ def _cmd_summary(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from divla_eval.train import TrainConfig, check_demos_task, train
+
+    cfg = TrainConfig(
+        policy=args.policy,
+        demos=args.demos,
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        options={k: _value(v) for k, v in args.option},
+    )
+    if args.task is not None:
+        check_demos_task(args.demos, args.task)
+    try:
+        s = train(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: the last checkpoint is in {args.out}/checkpoint; rerun to resume",
+            file=sys.stderr,
+        )
+        return 130
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in s["final"].items() if k == "loss" or k.startswith("l_"))
+    print(f"trained {cfg.policy} for {s['steps']} steps ({s['seconds']:.0f} s this session): {losses}")
+    print(f"checkpoint: {s['out']}  (evaluate: divla-eval run --policy {cfg.policy} --checkpoint {s['out']})")
+    return 0
+
+
 def _cmd_collect(args) -> int:
     from divla_eval.data.collect import CollectConfig, collect
     from divla_eval.tasks import parse_task_options
@@ -257,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "report": _cmd_report,
             "summary": _cmd_summary,
             "collect": _cmd_collect,
+            "train": _cmd_train,
         }[args.command](args)
     except DivlaEvalError as exc:
         print(f"divla-eval: error: {exc}", file=sys.stderr)

@@ -98,6 +98,11 @@ class ScriptedPolicy:
 POLICIES: Registry = Registry("policy")
 POLICIES.register("scripted", ScriptedPolicy, description="privileged scripted expert (upper bound)")
 POLICIES.register("random", RandomPolicy, description="uniform random actions (lower bound)")
+POLICIES.register(
+    "divla",
+    "divla_eval.divla.policy:DiVLAPolicy",
+    description="DiVLA: VLM reasoning + FiLM-injected diffusion action head (needs --checkpoint)",
+)
 
 
 def make_policy(name: str, checkpoint: str | None = None, action_dim: int = 7) -> Policy:

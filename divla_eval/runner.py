@@ -9,6 +9,7 @@ fault marks that episode `error` (counted as a failure, with its traceback) and 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import time
 import traceback
 import uuid
@@ -78,15 +79,25 @@ def validate(cfg: RunConfig) -> None:
     from divla_eval.policy import POLICIES
     from divla_eval.tasks import get_task
 
-    get_task(cfg.task, **cfg.task_options).validate(cfg.split, cfg.difficulty)
+    task = get_task(cfg.task, **cfg.task_options)
+    task.validate(cfg.split, cfg.difficulty)
     POLICIES.check_name(cfg.policy)
+    factory = POLICIES.get(cfg.policy)
+    if cfg.checkpoint is None and getattr(factory, "requires_checkpoint", False):
+        raise DivlaEvalError(
+            f"policy {cfg.policy!r} needs --checkpoint DIR (train one with "
+            f"`divla-eval train --policy {cfg.policy} --demos FILE.hdf5 --out DIR`)"
+        )
     if cfg.checkpoint is not None:
-        if not hasattr(POLICIES.get(cfg.policy), "from_pretrained"):
+        if not hasattr(factory, "from_pretrained"):
             raise DivlaEvalError(
                 f"policy {cfg.policy!r} takes no checkpoint (got --checkpoint {cfg.checkpoint})"
             )
         if not Path(cfg.checkpoint).is_dir():
             raise DivlaEvalError(f"checkpoint directory {cfg.checkpoint} does not exist")
+        check = getattr(importlib.import_module(factory.__module__), "check_checkpoint", None)
+        if check is not None:  # a cheap look (no torch) at the files and the robot they were made for
+            check(cfg.checkpoint, task.embodiment)
     for name, level in cfg.perturbations:
         PERTURBATIONS.check_name(name)
         if level not in LEVELS:

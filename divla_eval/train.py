@@ -73,6 +73,17 @@ class TrainConfig:
         return json.loads(json.dumps(d, default=str))
 
 
+def check_demos_task(demos: Path, task: str) -> None:
+    """Refuse a demonstrations file recorded on another task than the one the user named."""
+    from divla_eval.tasks import TASKS
+
+    TASKS.check_name(task)
+    with _open_demos(demos) as f:
+        recorded = json.loads(f["data"].attrs["env_args"])["env_kwargs"]["task"]
+    if recorded != task:
+        raise DivlaEvalError(f"{demos} holds demonstrations of task {recorded!r}, not {task!r}")
+
+
 def _check_inputs(cfg: TrainConfig) -> None:
     RECIPES.check_name(cfg.policy)
     if not Path(cfg.demos).is_file():
@@ -197,6 +208,10 @@ def _is_loss(key: str) -> bool:
 def _open_demos(path):
     import h5py
 
+    if not Path(path).is_file():
+        raise DivlaEvalError(
+            f"demonstrations file {path} does not exist (make one with `divla-eval collect`)"
+        )
     try:
         return h5py.File(path, "r")
     except OSError as exc:
