@@ -147,7 +147,10 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
             chunk = policy.infer(Observation(images, obs["proprio"], obs["instruction"], env.embodiment))
             latencies.append(time.perf_counter() - t0)
             j = 0
-            if chunk.reasoning is not None and (not reasoning or reasoning[-1]["text"] != chunk.reasoning):
+            # A learned policy's text is kept for every call (it is what gets scored); the expert,
+            # called every step, only when its phrase changes.
+            changed = not reasoning or reasoning[-1]["text"] != chunk.reasoning
+            if chunk.reasoning is not None and (changed or not policy.metadata.privileged):
                 reasoning.append({"step": env.steps, "text": chunk.reasoning})
         terminated, truncated, info = env.advance(chunk.actions[j])
         j += 1

@@ -1,0 +1,78 @@
+"""`divla-eval train`: a tiny DiVLA trains, checkpoints, resumes, refuses mismatches, then evaluates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from divla_eval.cli import main  # noqa: E402
+from divla_eval.data.collect import CollectConfig, collect  # noqa: E402
+
+TINY = {
+    "view_tokens": [4, 1],
+    "image_size": 28,
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_hidden": 32,
+    "text_layers": 1,
+    "text_heads": 2,
+    "text_kv_heads": 1,
+    "text_intermediate": 64,
+    "vocab_size": 300,
+    "max_reasoning_tokens": 4,
+    "num_action_tokens": 2,
+    "projector_dim": 16,
+    "chunk": 8,
+    "execute_steps": 4,
+    "action_latent": 16,
+    "proprio_latent": 8,
+    "unet_down_dims": [16, 32],
+    "step_embed_dim": 16,
+    "train_diffusion_steps": 20,
+    "inference_steps": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demos") / "bp.hdf5"
+    collect(CollectConfig(task="bin_picking", split="seen", episodes=2, seed=1000, image_size=28), path, False)
+    return path
+
+
+def _train(demos, out, steps, *extra):
+    opts = [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    argv = ["train", "--demos", str(demos), "--out", str(out), "--steps", str(steps), "--batch-size", "4"]
+    return main([*argv, "--checkpoint-every", "3", "--no-progress", "--task", "bin_picking", *opts, *extra])
+
+
+def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys):
+    out = tmp_path / "divla"
+    assert _train(demos, out, 6) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "losses.png", "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+    assert "trained divla for 6 steps" in capsys.readouterr().out
+
+    assert _train(demos, out, 9) == 0  # more steps: resumes from step 6 instead of starting over
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5, 8]  # logged every 10 and at the last step of each session
+    assert json.loads((out / "divla_meta.json").read_text())["steps"] == 9
+    assert all(r["loss"] > 0 for r in rows)
+
+    assert _train(demos, out, 12, "--lr", "0.1") == 2  # other settings: refused, not mixed
+    assert "lr differ" in capsys.readouterr().err
+
+    run_dir = tmp_path / "run"
+    argv = ["run", "--policy", "divla", "--checkpoint", str(out), "--episodes", "1", "--max-steps", "8"]
+    assert main([*argv, "--image-size", "28", "--out", str(run_dir), "--no-progress"]) == 0
+    record = json.loads((run_dir / "episodes.jsonl").read_text().splitlines()[0])
+    assert record["policy"] == "divla" and record["checkpoint_hash"]
+    assert record["latency_ms"]["n"] == 2  # 8 steps, 4 executed per call
+    assert [r["step"] for r in record["reasoning_trace"]] == [0, 4]  # one entry per policy call
+    assert all(isinstance(r["text"], str) for r in record["reasoning_trace"])
