@@ -43,6 +43,8 @@ class PolicyMetadata:
     """Actions executed from each chunk before the next call (replanning period)."""
     checkpoint_hash: str | None = None
     privileged: bool = False
+    reasoning: bool = False
+    """The policy writes reasoning text; the runner then scores it against the expert's phrase."""
 
 
 @runtime_checkable

@@ -67,6 +67,9 @@ class EpisodeRecord:
     status: str  # "ok" or "error"; errors count as failures, never dropped
     error: str | None  # traceback text when status == "error"
     extra: dict = field(default_factory=dict)
+    reasoning_accuracy: float | None = None
+    """Share of policy calls whose reasoning phrase equals the scripted expert's phrase for the same
+    state (None for policies that write no reasoning, and for the expert itself)."""
 
     def to_json(self) -> str:
         """One line of JSON (sorted keys, so files diff cleanly)."""

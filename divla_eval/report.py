@@ -164,6 +164,31 @@ def _drop_section(df: pd.DataFrame) -> list[str]:
     return ["## Drop under perturbation (matched controls)", "", markdown_table(shown), ""]
 
 
+def _reasoning_section(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    """Reasoning accuracy (policy phrase == expert phrase for the same state, per call), split by
+    outcome: a failure with right reasoning points at the motion, one with wrong reasoning at the
+    language side."""
+    scored = df[df["reasoning_accuracy"].notna()]
+    if scored.empty:
+        return []
+    table = (
+        scored.assign(outcome=scored["success"].map({True: "success", False: "failure"}))
+        .groupby([*by, "outcome"], dropna=False)["reasoning_accuracy"]
+        .agg(episodes="size", mean_reasoning_accuracy="mean")
+        .reset_index()
+    )
+    table["mean_reasoning_accuracy"] = [_pct(x) for x in table["mean_reasoning_accuracy"]]
+    return [
+        "## Reasoning accuracy",
+        "",
+        "Share of policy calls whose reasoning phrase equals the scripted expert's phrase for the same "
+        "state (the expert runs in the shadow; its actions are discarded).",
+        "",
+        markdown_table(table),
+        "",
+    ]
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``success.png`` into ``run_dir``; returns the report path."""
     run_dir = Path(run_dir)
@@ -210,6 +235,7 @@ def write_report(run_dir: Path) -> Path:
         f"![success rate per group]({plot_path.name})",
         "",
         *_drop_section(df),
+        *_reasoning_section(df, by),
         "## Failure modes",
         "",
     ]

@@ -133,6 +133,10 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         policy.bind(env.sim, episode)
     cams = policy.metadata.cameras
     k = max(1, policy.metadata.execute_steps)
+    # A learned policy's reasoning is scored against the scripted expert's phrase for the same state.
+    # The expert runs in the shadow every step (its phase timers count steps), its actions discarded.
+    shadow = policy.metadata.reasoning and not policy.metadata.privileged
+    expert_text: str | None = None
     latencies: list[float] = []
     reasoning: list[dict] = []
     frames: list[np.ndarray] = []
@@ -140,6 +144,8 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
     info = {"success": False, "partial_score": 0.0}
     terminated = truncated = False
     while not (terminated or truncated):
+        if shadow:
+            expert_text = _shadow_reasoning(episode, env)
         if chunk is None or j >= min(k, len(chunk.actions)):
             obs = env.observe(cameras=cams)
             images = {c: obs[c] for c in cams}
@@ -151,7 +157,10 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
             # called every step, only when its phrase changes.
             changed = not reasoning or reasoning[-1]["text"] != chunk.reasoning
             if chunk.reasoning is not None and (changed or not policy.metadata.privileged):
-                reasoning.append({"step": env.steps, "text": chunk.reasoning})
+                entry = {"step": env.steps, "text": chunk.reasoning}
+                if expert_text is not None:
+                    entry["expert"] = expert_text
+                reasoning.append(entry)
         terminated, truncated, info = env.advance(chunk.actions[j])
         j += 1
         if video_path is not None:
@@ -165,11 +174,33 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         "steps": env.steps,
         "latency_ms": _latency_stats(latencies),
         "reasoning_trace": reasoning,
+        "reasoning_accuracy": reasoning_accuracy(reasoning),
         "object_ids": list(episode.object_ids),
         "instruction": episode.instruction,
         "perturbations": list(env.perturbation_params),
         "extra": dict(getattr(episode, "extra", {})),
     }
+
+
+def _shadow_reasoning(episode, env) -> str | None:
+    """The expert's phrase for the current state, or None when the task has no expert or it fails
+    (scoring must never end an episode)."""
+    try:
+        return episode.expert(env.sim).reasoning
+    except Exception:
+        return None
+
+
+def normalize_phrase(text: str) -> str:
+    return " ".join(text.lower().replace(",", " ").replace(".", " ").split())
+
+
+def reasoning_accuracy(trace: list[dict]) -> float | None:
+    """Share of scored calls whose phrase matches the expert's (case, spacing and punctuation aside)."""
+    scored = [e for e in trace if "expert" in e]
+    if not scored:
+        return None
+    return sum(normalize_phrase(e["text"]) == normalize_phrase(e["expert"]) for e in scored) / len(scored)
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:

@@ -107,3 +107,16 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
     parallel = run(_cfg(episodes=3), tmp_path / "parallel", progress=False, workers=2)
     assert parallel.ran == 3 and key(parallel.records) == key(serial)
     assert len(EpisodeStore(tmp_path / "parallel" / "episodes.jsonl").load()) == 3
+
+
+def test_reasoning_is_scored_against_the_shadow_expert():
+    from divla_eval.runner import normalize_phrase, reasoning_accuracy
+
+    trace = [
+        {"step": 0, "text": "Grasp the red  block.", "expert": "grasp the red block"},
+        {"step": 8, "text": "grasp the red block", "expert": "place it in the basket"},
+        {"step": 16, "text": "no expert here"},
+    ]
+    assert normalize_phrase("Grasp the red  block.") == "grasp the red block"
+    assert reasoning_accuracy(trace) == 0.5
+    assert reasoning_accuracy([{"step": 0, "text": "x"}]) is None

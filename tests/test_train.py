@@ -76,3 +76,9 @@ def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys):
     assert record["latency_ms"]["n"] == 2  # 8 steps, 4 executed per call
     assert [r["step"] for r in record["reasoning_trace"]] == [0, 4]  # one entry per policy call
     assert all(isinstance(r["text"], str) for r in record["reasoning_trace"])
+    # every call's phrase is scored against the shadow expert's phrase for the same state
+    assert all("expert" in r for r in record["reasoning_trace"])
+    assert record["reasoning_trace"][0]["expert"].startswith("grasp the")
+    assert 0.0 <= record["reasoning_accuracy"] <= 1.0
+    assert main(["report", str(run_dir)]) == 0
+    assert "## Reasoning accuracy" in (run_dir / "report.md").read_text()

@@ -72,7 +72,11 @@ class DiVLAPolicy:
         self.device = device
         cfg = model.cfg
         self.metadata = PolicyMetadata(
-            name="divla", cameras=cfg.cameras, execute_steps=cfg.execute_steps, checkpoint_hash=checkpoint_id
+            name="divla",
+            cameras=cfg.cameras,
+            execute_steps=cfg.execute_steps,
+            checkpoint_hash=checkpoint_id,
+            reasoning=True,
         )
         self._generator = torch.Generator(device=device).manual_seed(0)
         self.last_reasoning: str | None = None
