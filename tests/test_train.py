@@ -40,7 +40,8 @@ TINY = {
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     path = tmp_path_factory.mktemp("demos") / "bp.hdf5"
-    collect(CollectConfig(task="bin_picking", split="seen", episodes=2, seed=1000, image_size=28), path, False)
+    cfg = CollectConfig(task="bin_picking", split="seen", episodes=2, seed=1000, image_size=28)
+    collect(cfg, path, progress=False)
     return path
 
 
