@@ -164,7 +164,7 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         terminated, truncated, info = env.advance(chunk.actions[j])
         j += 1
         if video_path is not None:
-            frames.append(env.camera_image("front"))
+            frames.append(_captioned(env.camera_image("front"), reasoning[-1]["text"] if reasoning else ""))
     if video_path is not None:
         _write_video(video_path, frames)
     return {
@@ -201,6 +201,22 @@ def reasoning_accuracy(trace: list[dict]) -> float | None:
     if not scored:
         return None
     return sum(normalize_phrase(e["text"]) == normalize_phrase(e["expert"]) for e in scored) / len(scored)
+
+
+VIDEO_WIDTH = 320
+
+
+def _captioned(frame: np.ndarray, text: str) -> np.ndarray:
+    """The frame scaled up to VIDEO_WIDTH (nearest neighbour: policy images are tiny) with the current
+    reasoning phrase written in a strip under it."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    scale = max(1, VIDEO_WIDTH // w)
+    big = cv2.resize(frame, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+    strip = np.full((24, big.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(strip, text[:60], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([big, strip], axis=0)
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:

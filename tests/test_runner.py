@@ -120,3 +120,20 @@ def test_reasoning_is_scored_against_the_shadow_expert():
     assert normalize_phrase("Grasp the red  block.") == "grasp the red block"
     assert reasoning_accuracy(trace) == 0.5
     assert reasoning_accuracy([{"step": 0, "text": "x"}]) is None
+
+
+def test_video_has_one_captioned_frame_per_step(tmp_path):
+    import cv2
+
+    run(_cfg(policy="scripted", episodes=1, max_steps=6, image_size=32), tmp_path, progress=False, video=True)
+    videos = list((tmp_path / "videos").glob("*.mp4"))
+    assert len(videos) == 1
+    cap = cv2.VideoCapture(str(videos[0]))
+    frames = []
+    ok, frame = cap.read()
+    while ok:
+        frames.append(frame)
+        ok, frame = cap.read()
+    assert len(frames) == 6
+    assert frames[0].shape == (320 + 24, 320, 3)  # scaled up 10x, with the reasoning strip under it
+    assert frames[0][-20:].mean() < 254  # the strip carries text, not just white
