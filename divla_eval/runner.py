@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import time
 import traceback
 import uuid
@@ -204,6 +205,7 @@ def reasoning_accuracy(trace: list[dict]) -> float | None:
 
 
 VIDEO_WIDTH = 320
+TORCH_THREADS_ENV = "DIVLA_EVAL_TORCH_THREADS"
 
 
 def _captioned(frame: np.ndarray, text: str) -> np.ndarray:
@@ -343,6 +345,10 @@ def run(
 
     from divla_eval.parallel import run_unordered
     from divla_eval.tasks import get_task
+
+    # Learned policies run torch: give each worker process its share of the cores, not all of them
+    # (oversubscribed threads made one DiVLA call several times slower here).
+    os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, (os.cpu_count() or 1) // workers)))
 
     validate(cfg)
     if workers < 1:

@@ -66,7 +66,13 @@ class DiVLAPolicy:
     requires_checkpoint = True
 
     def __init__(self, model, checkpoint_id: str | None = None, device: str = "cpu"):
+        import os
+
         import torch
+
+        threads = int(os.environ.get("DIVLA_EVAL_TORCH_THREADS", "0"))
+        if threads > 0:  # the runner's share of the cores for this process
+            torch.set_num_threads(threads)
 
         self.model = model.to(device).eval()
         self.device = device
