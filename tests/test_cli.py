@@ -14,7 +14,10 @@ from divla_eval.cli import main
     "argv, needle",
     [
         (["run", "--task", "bin_pickng"], "did you mean 'bin_picking'"),
-        (["run", "--policy", "nope"], "valid: random, scripted"),
+        (["run", "--policy", "nope"], "valid: divla, random, scripted"),
+        (["run", "--policy", "divla"], "needs --checkpoint DIR"),
+        (["run", "--policy", "divla", "--checkpoint", "README.md"], "does not exist"),
+        (["train", "--demos", "missing.hdf5", "--out", "x"], "does not exist"),
         (["run", "--objects", "weird"], "valid: seen, unseen"),
         (["run", "--episodes", "0"], "positive integer"),
         (["run", "--episodes", "-3"], "positive integer"),

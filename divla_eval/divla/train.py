@@ -48,8 +48,22 @@ def build(dataset, options: dict):
     return model
 
 
+def random_shift(images, generator, pad: int = 4):
+    """Shift each image by up to `pad` pixels (replicate-padded, then cropped): the DrQ augmentation
+    that image-based diffusion policies train with, so the head does not latch onto exact pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+
+
 def loss(model, batch, generator) -> dict:
-    images = {c: v[:, -1].float().div(255) for c, v in batch["images"].items()}  # last obs step
+    images = {  # the last observation step, shifted
+        c: random_shift(v[:, -1].float().div(255), generator) for c, v in batch["images"].items()
+    }
     return model(
         images,
         batch["proprio"][:, -1],
