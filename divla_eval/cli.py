@@ -154,13 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args) -> int:
     from divla_eval.metrics import wilson_interval
+    from divla_eval.policy import default_policy
     from divla_eval.runner import RunConfig, run, validate
     from divla_eval.tasks import get_task, parse_task_options
 
+    note = None
+    if args.policy is None:
+        args.policy, default_checkpoint, note = default_policy(args.task)
+        args.checkpoint = args.checkpoint or default_checkpoint
     cfg = RunConfig(
         task=args.task,
         split=args.split,
-        policy=args.policy or "scripted",
+        policy=args.policy,
         difficulty=args.difficulty if args.difficulty is not None else get_task(args.task).difficulties[0],
         episodes=args.episodes,
         seed=args.seed,
@@ -172,11 +177,8 @@ def _cmd_run(args) -> int:
         matched_control=args.matched_control,
     )
     validate(cfg)
-    if args.policy is None:
-        print(
-            "note: no trained model ships yet; evaluating the scripted expert (--policy scripted)",
-            file=sys.stderr,
-        )
+    if note:
+        print(note, file=sys.stderr)
     out = args.out or Path("runs") / f"{cfg.task}-{cfg.split}-{cfg.policy}-seed{cfg.seed}"
     try:
         summary = run(cfg, out, progress=not args.no_progress, video=args.video, workers=args.workers)

@@ -11,6 +11,7 @@ privileged upper bound, bound to the live episode by the runner through `bind`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -105,6 +106,42 @@ POLICIES.register(
     "divla_eval.divla.policy:DiVLAPolicy",
     description="DiVLA: VLM reasoning + FiLM-injected diffusion action head (needs --checkpoint)",
 )
+
+
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+"""Reference checkpoints shipped in the repository: checkpoints/divla-<task>/."""
+
+
+def default_policy(task: str) -> tuple[str, str | None, str]:
+    """(policy, checkpoint, note) that `divla-eval run` uses when --policy is not given: the shipped
+    DiVLA reference checkpoint for the task when there is one (and torch is installed), otherwise the
+    scripted expert. The note says which, on stderr."""
+    import importlib.util
+
+    ref = REFERENCE_DIR / f"divla-{task}"
+    if (ref / "model.safetensors").is_file():
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+            return (
+                "scripted",
+                None,
+                (
+                    f"note: {ref} needs torch and transformers (bash scripts/setup.sh installs them); "
+                    "evaluating the scripted expert instead (--policy scripted)"
+                ),
+            )
+        return (
+            "divla",
+            str(ref),
+            (f"note: evaluating the reference DiVLA checkpoint {ref} (--policy scripted for the expert)"),
+        )
+    return (
+        "scripted",
+        None,
+        (
+            f"note: no reference DiVLA checkpoint ships for {task} yet; evaluating the scripted expert "
+            "(--policy scripted)"
+        ),
+    )
 
 
 def make_policy(name: str, checkpoint: str | None = None, action_dim: int = 7) -> Policy:

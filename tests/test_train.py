@@ -51,7 +51,7 @@ def _train(demos, out, steps, *extra):
     return main([*argv, "--checkpoint-every", "3", "--no-progress", "--task", "bin_picking", *opts, *extra])
 
 
-def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys):
+def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys, monkeypatch):
     out = tmp_path / "divla"
     assert _train(demos, out, 6) == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "losses.png", "train_log.jsonl"):
@@ -83,3 +83,17 @@ def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys):
     assert 0.0 <= record["reasoning_accuracy"] <= 1.0
     assert main(["report", str(run_dir)]) == 0
     assert "## Reasoning accuracy" in (run_dir / "report.md").read_text()
+
+    # a reference checkpoint shipped for the task becomes `divla-eval run`'s default policy
+    import shutil
+
+    import divla_eval.policy
+
+    shutil.copytree(out, tmp_path / "ref" / "divla-bin_picking")
+    monkeypatch.setattr(divla_eval.policy, "REFERENCE_DIR", tmp_path / "ref")
+    capsys.readouterr()
+    argv = ["run", "--episodes", "1", "--max-steps", "4", "--image-size", "28", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 0
+    assert "reference DiVLA checkpoint" in capsys.readouterr().err
+    record = json.loads((tmp_path / "default" / "episodes.jsonl").read_text().splitlines()[0])
+    assert record["policy"] == "divla"
