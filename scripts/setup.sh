@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up divla-eval on a fresh Debian/Ubuntu machine with Python 3.10+ and pip.
-#   bash scripts/setup.sh          # runtime: EGL packages, .venv, the project
+#   bash scripts/setup.sh          # runtime: EGL packages, .venv, the project with its models (CPU torch)
 #   bash scripts/setup.sh test     # the same plus what the tests need (pytest, ruff, nox, pytest-benchmark)
 # Offscreen rendering uses MUJOCO_GL=egl on Mesa's llvmpipe, which needs these Debian packages.
 set -euo pipefail
@@ -14,5 +14,6 @@ if ! dpkg -s $pkgs >/dev/null 2>&1; then
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-extra=""; [ "${1:-}" = "test" ] && extra="[test]"
+# torch is pinned (==2.13.0, a CPU wheel) inside the extras: an unpinned torch would pull CUDA builds.
+extra="[models]"; [ "${1:-}" = "test" ] && extra="[test]"
 .venv/bin/python -m pip install -q -e ".${extra}"
