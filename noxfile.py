@@ -52,3 +52,15 @@ def bench(session: nox.Session) -> None:
         "--benchmark-columns=min,median,mean,max,rounds",
         *session.posargs,
     )
+
+
+@nox.session(python=False)
+def reference(session: nox.Session) -> None:
+    """The scripted-expert reference grid (hours on 2 cores; resumable): results/experts/."""
+    session.run("bash", "scripts/reference_runs.sh", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def divla_reference(session: nox.Session) -> None:
+    """Demos, training, fp16 export and evaluation of the shipped DiVLA checkpoint (about an hour)."""
+    session.run("bash", "scripts/divla_reference.sh", external=True)
