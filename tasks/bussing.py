@@ -268,6 +268,12 @@ class BussingEpisode(TaskEpisode):
                 goal_xy=(gx + slot[0], gy + slot[1]),
                 release_z=TABLE_TOP_Z + size[2] + 0.08,
                 robot=arm,
+                # Carry over the arm's own side, gently, and let the object stop swinging before
+                # letting go: a straight fast carry across the table stalled outstretched arms and
+                # flung light cups off the tray.
+                via_xy=HOME[arm][:2],
+                carry_gain=1.0,
+                settle_steps=10,
             )
         expert = self._current
         item = self.items[expert.obj_index]

@@ -35,11 +35,19 @@ class PickPlaceExpert:
     max_retries: int = 2
     robot: int = 0
     """Which arm (bimanual scenes have two)."""
+    carry_gain: float = 1.5
+    via_xy: tuple[float, float] | None = None
+    """A point to carry the object over first (at the safe height): a straight line across the table
+    can drive an arm through an outstretched, singular pose where it stalls."""
+    settle_steps: int = 0
+    """Steps to hold still at the release height before opening, so a swinging object calms down."""
     phase: str = "approach"
     retries: int = 0
     _phase_steps: int = 0
     _grasp_yaw: float | None = None
     _close_at: np.ndarray | None = None
+    _low_since: int | None = None
+    _via_passed: bool = False
 
     @property
     def done(self) -> bool:
@@ -86,7 +94,7 @@ class PickPlaceExpert:
         return act
 
     def _next(self, phase: str) -> None:
-        self.phase, self._phase_steps = phase, 0
+        self.phase, self._phase_steps, self._low_since = phase, 0, None
 
     # --- the state machine --------------------------------------------------------------------------
     def act(self, env) -> np.ndarray:
@@ -127,15 +135,24 @@ class PickPlaceExpert:
                     self._next("done")
             return a
         if self.phase == "carry":
-            target = np.array([self.goal_xy[0], self.goal_xy[1], SAFE_Z])
-            a = self._action(env, target, None, 1.0, gain=1.5)
-            if np.linalg.norm((target - eef)[:2]) < 0.02 or self._phase_steps > 80:
+            first_leg = self.via_xy is not None and not self._via_passed
+            if first_leg:
+                target = np.array([self.via_xy[0], self.via_xy[1], SAFE_Z])
+                if np.linalg.norm((target - eef)[:2]) < 0.03 or self._phase_steps > 80:
+                    self._via_passed, self._phase_steps = True, 0
+            else:
+                target = np.array([self.goal_xy[0], self.goal_xy[1], SAFE_Z])
+            a = self._action(env, target, None, 1.0, gain=self.carry_gain)
+            if not first_leg and (np.linalg.norm((target - eef)[:2]) < 0.02 or self._phase_steps > 80):
                 self._next("lower")
             return a
         if self.phase == "lower":
             target = np.array([self.goal_xy[0], self.goal_xy[1], self.release_z])
             a = self._action(env, target, None, 1.0)
-            if abs(target[2] - eef[2]) < 0.015 or self._phase_steps > 40:
+            if abs(target[2] - eef[2]) < 0.015 and self._low_since is None:
+                self._low_since = self._phase_steps
+            settled = self._low_since is not None and self._phase_steps - self._low_since >= self.settle_steps
+            if settled or self._phase_steps > 40 + self.settle_steps:
                 self._next("release")
             return a
         if self.phase == "release":
