@@ -16,7 +16,7 @@ out=results/experts
 stream=${1:-all}
 VISUAL=(background lighting camera table)
 ALL_VISUAL=(--perturb background:3 --perturb lighting:3 --perturb camera:3 --perturb table:3)
-run() { .venv/bin/divla-eval run --no-progress --workers 1 "$@"; }
+run() { .venv/bin/divla-eval run --policy scripted --no-progress --workers 1 "$@"; }
 
 rest() {
   for split in seen mixed; do
