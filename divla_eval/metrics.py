@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from divla_eval.reasoning import reasoning_scores
 from divla_eval.records import EpisodeRecord
 
 RATE_COLUMNS = ["n", "successes", "success_rate", "ci_low", "ci_high", "errors"]
@@ -35,6 +36,8 @@ FRAME_COLUMNS = [
     "latency_mean_ms",
     "latency_p95_ms",
     "reasoning_accuracy",
+    "reasoning_subtask",
+    "reasoning_object",
     "perturbation",
     "object_id",
     "instruction",
@@ -77,6 +80,9 @@ def records_frame(records: Sequence[EpisodeRecord]) -> pd.DataFrame:
     rows = []
     for r in records:
         lat = r.latency_ms or {}
+        scores = (
+            r.reasoning_scores or reasoning_scores(r.reasoning_trace) or {}
+        )  # older records: from the trace
         rows.append(
             {
                 "run_id": r.run_id,
@@ -98,7 +104,9 @@ def records_frame(records: Sequence[EpisodeRecord]) -> pd.DataFrame:
                 "latency_n": int(lat.get("n", 0) or 0),
                 "latency_mean_ms": lat.get("mean"),
                 "latency_p95_ms": lat.get("p95"),
-                "reasoning_accuracy": r.reasoning_accuracy,
+                "reasoning_accuracy": scores.get("exact"),
+                "reasoning_subtask": scores.get("subtask"),
+                "reasoning_object": scores.get("object"),
                 "perturbation": perturbation_label(r.perturbations),
                 "object_id": r.object_ids[0] if r.object_ids else "",
                 "instruction": r.instruction,

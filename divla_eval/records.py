@@ -70,6 +70,8 @@ class EpisodeRecord:
     reasoning_accuracy: float | None = None
     """Share of policy calls whose reasoning phrase equals the scripted expert's phrase for the same
     state (None for policies that write no reasoning, and for the expert itself)."""
+    reasoning_scores: dict | None = None
+    """{"exact", "subtask", "object"} shares over the scored calls (see runner.reasoning_scores)."""
 
     def to_json(self) -> str:
         """One line of JSON (sorted keys, so files diff cleanly)."""

@@ -173,16 +173,23 @@ def _reasoning_section(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
         return []
     table = (
         scored.assign(outcome=scored["success"].map({True: "success", False: "failure"}))
-        .groupby([*by, "outcome"], dropna=False)["reasoning_accuracy"]
-        .agg(episodes="size", mean_reasoning_accuracy="mean")
+        .groupby([*by, "outcome"], dropna=False)
+        .agg(
+            episodes=("reasoning_accuracy", "size"),
+            exact=("reasoning_accuracy", "mean"),
+            subtask=("reasoning_subtask", "mean"),
+            object=("reasoning_object", "mean"),
+        )
         .reset_index()
     )
-    table["mean_reasoning_accuracy"] = [_pct(x) for x in table["mean_reasoning_accuracy"]]
+    for col in ("exact", "subtask", "object"):
+        table[col] = [_pct(float(x)) for x in table[col]]
     return [
         "## Reasoning accuracy",
         "",
-        "Share of policy calls whose reasoning phrase equals the scripted expert's phrase for the same "
-        "state (the expert runs in the shadow; its actions are discarded).",
+        "Per policy call, the reasoning phrase against the scripted expert's phrase for the same state "
+        "(the expert runs in the shadow; its actions are discarded): `exact` the same phrase, `subtask` "
+        "the same first word (which phase), `object` the expert's object named.",
         "",
         markdown_table(table),
         "",

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from divla_eval.errors import DivlaEvalError
+from divla_eval.reasoning import reasoning_accuracy, reasoning_scores
 from divla_eval.records import (
     EpisodeRecord,
     EpisodeStore,
@@ -176,6 +177,7 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         "latency_ms": _latency_stats(latencies),
         "reasoning_trace": reasoning,
         "reasoning_accuracy": reasoning_accuracy(reasoning),
+        "reasoning_scores": reasoning_scores(reasoning),
         "object_ids": list(episode.object_ids),
         "instruction": episode.instruction,
         "perturbations": list(env.perturbation_params),
@@ -190,18 +192,6 @@ def _shadow_reasoning(episode, env) -> str | None:
         return episode.expert(env.sim).reasoning
     except Exception:
         return None
-
-
-def normalize_phrase(text: str) -> str:
-    return " ".join(text.lower().replace(",", " ").replace(".", " ").split())
-
-
-def reasoning_accuracy(trace: list[dict]) -> float | None:
-    """Share of scored calls whose phrase matches the expert's (case, spacing and punctuation aside)."""
-    scored = [e for e in trace if "expert" in e]
-    if not scored:
-        return None
-    return sum(normalize_phrase(e["text"]) == normalize_phrase(e["expert"]) for e in scored) / len(scored)
 
 
 VIDEO_WIDTH = 320

@@ -110,7 +110,7 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
 
 
 def test_reasoning_is_scored_against_the_shadow_expert():
-    from divla_eval.runner import normalize_phrase, reasoning_accuracy
+    from divla_eval.reasoning import normalize_phrase, reasoning_accuracy
 
     trace = [
         {"step": 0, "text": "Grasp the red  block.", "expert": "grasp the red block"},
@@ -120,6 +120,20 @@ def test_reasoning_is_scored_against_the_shadow_expert():
     assert normalize_phrase("Grasp the red  block.") == "grasp the red block"
     assert reasoning_accuracy(trace) == 0.5
     assert reasoning_accuracy([{"step": 0, "text": "x"}]) is None
+
+
+def test_reasoning_fields_separate_phase_from_object():
+    from divla_eval.reasoning import phrase_fields, reasoning_scores
+
+    assert phrase_fields("Grasp the blue cup with the left arm.") == ("grasp", "blue cup")
+    assert phrase_fields("place it in the basket") == ("place", "basket")
+    assert phrase_fields("the task is done") == ("the", "task is done")
+    trace = [
+        {"step": 0, "text": "grasp the red block", "expert": "grasp the blue toy car"},  # phase right
+        {"step": 8, "text": "grasp the blue toy car", "expert": "grasp the blue toy car again"},
+        {"step": 16, "text": "place it in the basket", "expert": "grasp the blue toy car"},
+    ]
+    assert reasoning_scores(trace) == {"exact": 0.0, "subtask": 2 / 3, "object": 1 / 3}
 
 
 def test_video_has_one_captioned_frame_per_step(tmp_path):
