@@ -1,6 +1,9 @@
 """DiVLA's configuration: one typed dataclass, saved as config.json beside the weights.
 
-The defaults are the small model that trains on a 2-core CPU (a few million parameters). A user with
+The defaults are the small model that trains on a 2-core CPU (3.0M parameters, ~0.3 s per step of
+32 samples here). Measured on bin picking, where the action head is what limits: a 256-wide 4-layer
+decoder with a (32, 64) UNet (4.1M) took 0.64 s per step and its diffusion loss stalled at 0.2; this
+128-wide 2-layer decoder with a (64, 128) UNet reached 0.07 in 1600 steps. A user with
 real weights points `vision_pretrained` at a SigLIP directory and `vlm_pretrained` at a Qwen2 or
 Qwen2-VL directory; the sizes below are then read from those checkpoints instead.
 """
@@ -30,11 +33,11 @@ class DiVLAConfig:
     patch_size: int = 14
 
     # --- language backbone (Qwen2 decoder) ------------------------------------------------------------
-    text_hidden: int = 256
-    text_layers: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
     text_heads: int = 4
     text_kv_heads: int = 2
-    text_intermediate: int = 512
+    text_intermediate: int = 256
     vocab_size: int = 512
     """Target size of the BPE vocabulary learnt from the demonstrations (from-scratch backbones only)."""
     max_reasoning_tokens: int = 24
@@ -46,10 +49,10 @@ class DiVLAConfig:
     """Actions predicted per call."""
     execute_steps: int = 8
     """Actions executed per call before the next one (the runner's replanning period)."""
-    action_latent: int = 32
+    action_latent: int = 64
     """Channels of the shared diffusion UNet; each embodiment's head maps its actions in and out."""
     proprio_latent: int = 32
-    unet_down_dims: tuple[int, ...] = (32, 64)
+    unet_down_dims: tuple[int, ...] = (64, 128)
     step_embed_dim: int = 32
     train_diffusion_steps: int = 100
     inference_steps: int = 10
