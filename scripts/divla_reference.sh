@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 demos=data/bin_picking-seen-150.hdf5
 train_cmd=(.venv/bin/divla-eval train --policy divla --task bin_picking --demos "$demos"
-           --out runs/train/divla-bin_picking --steps 2000 --batch-size 32)
+           --out runs/train/divla-bin_picking --steps 5000 --batch-size 32)
 .venv/bin/divla-eval collect --task bin_picking --objects seen --episodes 150 --out "$demos"
 "${train_cmd[@]}"
 .venv/bin/python scripts/ship_checkpoint.py runs/train/divla-bin_picking checkpoints/divla-bin_picking \
