@@ -284,6 +284,7 @@ class EpisodeWorker:
         return DivlaEnv(
             task=cfg.task,
             split=cfg.split,
+            difficulty=cfg.difficulty,
             cameras=tuple(self.policy.metadata.cameras),
             image_size=cfg.image_size,
             max_steps=cfg.max_steps,

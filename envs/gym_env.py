@@ -104,6 +104,7 @@ class DivlaEnv(gym.Env):
         self.split = split
         self.cameras = tuple(cameras)
         self.image_size = int(image_size)
+        self._max_steps_override = max_steps
         self.max_steps = max_steps or self.task.max_steps_for(split, self.difficulty)
         self.render_mode = render_mode
         self.run_seed = run_seed
@@ -145,6 +146,8 @@ class DivlaEnv(gym.Env):
                 self.task.name, self.split, int(index), self.run_seed, self.difficulty, self.perturbations
             )
         self.episode = self.task.episode(spec)
+        # the budget follows the episode (a sorting `hard` episode gets more steps than an `easy` one)
+        self.max_steps = self._max_steps_override or self.task.max_steps_for(spec.split, spec.difficulty)
         resolved = resolve(spec.perturbations, lambda name, level: spec.seed(f"perturb:{name}:{level}"))
         self.perturbation_params = [{"name": p.name, "level": lvl, **params} for p, lvl, params in resolved]
         builder = self.episode.builder
@@ -153,11 +156,18 @@ class DivlaEnv(gym.Env):
             region = getattr(self.episode, "distractor_region", DISTRACTOR_REGION)
             builder = DistractorBuilder(builder, tuple(extra), region)
         if self.sim is None:
-            self.sim = TabletopEnv(builder, robots=self.task.robots, horizon=self.max_steps + 1)
+            self.sim = TabletopEnv(builder, robots=self.task.robots, horizon=self._horizon())
         self.sim.reset_scene(builder, spec.seed("scene"))
         self._apply_appearance(resolved)
         self.steps = 0
         return self.observe(), self._info()
+
+    def _horizon(self) -> int:
+        """robosuite's step limit: above every episode budget this env can be asked to run."""
+        if self._max_steps_override:
+            return self._max_steps_override + 1
+        budgets = [self.task.max_steps_for(s, d) for s in self.task.splits for d in self.task.difficulties]
+        return max(budgets) + 1
 
     def _apply_appearance(self, resolved) -> None:
         """Restore this model's unperturbed appearance, then apply the episode's perturbations."""

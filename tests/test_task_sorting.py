@@ -196,3 +196,23 @@ def test_random_actions_do_not_sort(env):
         assert not terminated
     assert info["partial_score"] < 1.0
     assert env.episode.failure_mode(env.sim) in FAILURE_MODES
+
+
+def test_step_budget_follows_the_episode_difficulty():
+    from divla_eval.envs.gym_env import DivlaEnv
+    from divla_eval.tasks.base import EpisodeSpec
+
+    env = DivlaEnv(task="sorting", split="seen", cameras=())  # built for `easy`
+    try:
+        env.reset(options={"episode": EpisodeSpec("sorting", "seen", 0, 0, "hard")})
+        assert env.max_steps == 3000
+        env.reset(options={"episode": EpisodeSpec("sorting", "seen", 0, 0, "easy")})
+        assert env.max_steps == 1500
+    finally:
+        env.close()
+    env = DivlaEnv(task="sorting", split="seen", difficulty="hard", cameras=(), max_steps=7)
+    try:
+        env.reset(options={"episode": EpisodeSpec("sorting", "seen", 0, 0, "hard")})
+        assert env.max_steps == 7  # a user's --max-steps wins
+    finally:
+        env.close()
