@@ -254,6 +254,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
             "run_id": uuid.uuid4().hex[:12],
             "task_version": task.version,
             "task_settings": {k: getattr(task, k) for k in task_options(cfg.task)},  # defaults included
+            # the budget episodes actually get (it can depend on the split and the difficulty)
+            "episode_max_steps": cfg.max_steps or task.max_steps_for(cfg.split, cfg.difficulty),
             "object_library_hash": library_hash(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **environment_info(Path(__file__).resolve().parent),  # the harness's own git revision
