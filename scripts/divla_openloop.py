@@ -23,13 +23,14 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("demos")
     parser.add_argument("--demos-to-check", type=int, default=3)
+    parser.add_argument("--mask", default="valid", help="valid (held out) or train (seen in training)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     policy = DiVLAPolicy.from_pretrained(args.checkpoint)
     k = policy.metadata.execute_steps
     errors, same_phrase = [], []
     with h5py.File(args.demos, "r") as f:
-        names = [n.decode() for n in f["mask/valid"][:]][: args.demos_to_check]  # never trained on
+        names = [n.decode() for n in f[f"mask/{args.mask}"][:]][: args.demos_to_check]
         for name in names:
             g = f["data"][name]
             instruction = str(g.attrs["instruction"])
@@ -40,7 +41,7 @@ def main() -> None:
                 errors.append(np.abs(chunk.actions[:k] - g["actions"][t : t + k]).mean(0))
                 same_phrase.append(chunk.reasoning == g["reasoning"].asstr()[t])
     e = np.array(errors).mean(0)
-    print(f"{len(errors)} calls on {len(names)} held-out demos")
+    print(f"{len(errors)} calls on {len(names)} {args.mask} demos")
     print("mean |predicted - recorded| per action dim (x y z rx ry rz gripper):", np.round(e, 3))
     print(f"phrase equal to the recorded one: {np.mean(same_phrase):.1%}")
 
