@@ -7,13 +7,14 @@ comparison between them measures the models, not the loops. A policy takes part 
 The output directory is the policy checkpoint (loadable with `--checkpoint OUT`) plus:
     train_log.jsonl     one line per logged step (losses, learning rate, seconds)
     losses.png          the loss curves
-    checkpoint/         the latest periodic checkpoint: weights, optimiser and trainer state.
+    checkpoint/         the latest periodic checkpoint: raw and EMA weights, optimiser, trainer state.
 Interrupting loses at most `checkpoint_every` steps: rerunning the same command resumes from
 checkpoint/, with the data order derived from (seed, step) so the continuation is deterministic.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -60,6 +61,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 10
+    ema_decay: float = 0.999
+    """The saved policy is an exponential moving average of the weights (Diffusion Policy evaluates its
+    EMA weights; raw weights sample noisier actions). 0 saves the raw weights."""
     threads: int = 2
     options: dict[str, Any] = field(default_factory=dict)
     """Policy config overrides, e.g. {"reasoning_injection": False}."""
@@ -157,8 +161,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             )
         model = recipe.load(ckpt)
         start = int(state["step"])
+        ema = recipe.load(ckpt / "ema") if (ckpt / "ema").is_dir() else None
     else:
         model = recipe.build(dataset, dict(cfg.options))
+        ema = None
+    if cfg.ema_decay > 0 and ema is None:
+        ema = copy.deepcopy(model)
+    if ema is not None:
+        ema.eval().requires_grad_(False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -166,7 +176,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     if start >= cfg.steps:
         print(f"{out}: already trained for {start} >= {cfg.steps} steps; nothing to do")
-        return _finish(cfg, recipe, model, start, 0.0, dataset)
+        return _finish(cfg, recipe, model, ema, start, 0.0, dataset)
 
     log_path = out / "train_log.jsonl"
     _truncate_log(log_path, start)
@@ -184,6 +194,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 losses["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                if ema is not None:
+                    _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     row = {k: round(float(v.detach()), 6) for k, v in losses.items()}
                     row.update(step=step, lr=_lr_at(cfg, step), seconds=round(time.perf_counter() - t0, 2))
@@ -193,12 +205,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 bar.update(1)
                 done = step + 1
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    _save_checkpoint(cfg, recipe, model, opt, done)
+                    _save_checkpoint(cfg, recipe, model, ema, opt, done)
     except KeyboardInterrupt:
         bar.close()
         raise
     bar.close()
-    return _finish(cfg, recipe, model, cfg.steps, time.perf_counter() - t0, dataset, opt)
+    return _finish(cfg, recipe, model, ema, cfg.steps, time.perf_counter() - t0, dataset, opt)
+
+
+def _ema_update(ema, model, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model; buffers (normalisation statistics) are copied. The
+    decay warms up as (1 + step) / (10 + step), so early averages do not hold on to the random init."""
+    import torch
+
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
 
 
 def _is_loss(key: str) -> bool:
@@ -233,11 +257,13 @@ def _truncate_log(path: Path, start: int) -> None:
     path.write_text("".join(r + "\n" for r in kept))
 
 
-def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, opt, step: int) -> None:
+def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, ema, opt, step: int) -> None:
     import torch
 
     ckpt = Path(cfg.out) / "checkpoint"
     recipe.save(model, ckpt, {"step": step})
+    if ema is not None:
+        recipe.save(ema, ckpt / "ema", {"step": step})
     tmp = ckpt / "optimizer.pt.tmp"
     torch.save(opt.state_dict(), tmp)
     tmp.replace(ckpt / "optimizer.pt")
@@ -246,7 +272,9 @@ def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, opt, step: int) ->
     (ckpt / "trainer_state.json.tmp").replace(ckpt / "trainer_state.json")
 
 
-def _finish(cfg: TrainConfig, recipe: Recipe, model, step: int, seconds: float, dataset, opt=None) -> dict:
+def _finish(
+    cfg: TrainConfig, recipe: Recipe, model, ema, step: int, seconds: float, dataset, opt=None
+) -> dict:
     out = Path(cfg.out)
     meta = {
         "policy": cfg.policy,
@@ -255,11 +283,12 @@ def _finish(cfg: TrainConfig, recipe: Recipe, model, step: int, seconds: float, 
         "env_args": dataset.env_args,
         "train_config": cfg.resume_key(),
         "train_seconds_this_session": round(seconds, 1),
+        "weights": "ema" if ema is not None else "raw",
     }
     model.eval()
-    recipe.save(model, out, meta)
+    recipe.save(ema if ema is not None else model, out, meta)
     if opt is not None:
-        _save_checkpoint(cfg, recipe, model, opt, step)
+        _save_checkpoint(cfg, recipe, model, ema, opt, step)
     log_path = out / "train_log.jsonl"
     rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     if rows:

@@ -58,6 +58,13 @@ def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys, monkey
         assert (out / name).is_file(), name
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 6
+    # the policy saved in OUT is the EMA of the weights; the raw ones stay in checkpoint/ for resuming
+    from safetensors.torch import load_file
+
+    assert json.loads((out / "divla_meta.json").read_text())["weights"] == "ema"
+    saved, raw = load_file(out / "model.safetensors"), load_file(out / "checkpoint" / "model.safetensors")
+    assert (out / "checkpoint" / "ema" / "model.safetensors").is_file()
+    assert saved.keys() == raw.keys() and not all((saved[k] == raw[k]).all() for k in saved)
     assert "trained divla for 6 steps" in capsys.readouterr().out
 
     assert _train(demos, out, 9) == 0  # more steps: resumes from step 6 instead of starting over
