@@ -77,23 +77,30 @@ class TrainConfig:
         return json.loads(json.dumps(d, default=str))
 
 
+def _recorded_task(demos: Path) -> str:
+    """The task a demonstrations file was collected on; refuses files `divla-eval collect` did not make."""
+    with _open_demos(demos) as f:
+        try:
+            return json.loads(f["data"].attrs["env_args"])["env_kwargs"]["task"]
+        except (KeyError, ValueError) as exc:
+            raise DivlaEvalError(
+                f"{demos} has no data/ group with env_args: not a `divla-eval collect` file"
+            ) from exc
+
+
 def check_demos_task(demos: Path, task: str) -> None:
     """Refuse a demonstrations file recorded on another task than the one the user named."""
     from divla_eval.tasks import TASKS
 
     TASKS.check_name(task)
-    with _open_demos(demos) as f:
-        recorded = json.loads(f["data"].attrs["env_args"])["env_kwargs"]["task"]
+    recorded = _recorded_task(demos)
     if recorded != task:
         raise DivlaEvalError(f"{demos} holds demonstrations of task {recorded!r}, not {task!r}")
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
     RECIPES.check_name(cfg.policy)
-    if not Path(cfg.demos).is_file():
-        raise DivlaEvalError(
-            f"demonstrations file {cfg.demos} does not exist (make one with `divla-eval collect`)"
-        )
+    _recorded_task(cfg.demos)  # exists, is HDF5, was made by `divla-eval collect`
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise DivlaEvalError("--steps and --batch-size must be >= 1")
 

@@ -104,3 +104,28 @@ def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys, monkey
     assert "reference DiVLA checkpoint" in capsys.readouterr().err
     record = json.loads((tmp_path / "default" / "episodes.jsonl").read_text().splitlines()[0])
     assert record["policy"] == "divla"
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--option", "chunk=abc"], "chunk='abc': expected int"),
+        (["--option", "reasoning_injection=1"], "expected bool"),
+        (["--option", "view_tokens=[4]"], "one token count per camera"),
+        (["--option", "vlm_pretrained=/nonexistent"], "is not a directory"),
+        (["--option", "bogus=1"], "unknown DiVLA option"),
+    ],
+)
+def test_bad_training_options_are_one_line_errors(demos, tmp_path, capsys, extra, needle):
+    argv = ["train", "--demos", str(demos), "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress"]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("divla-eval: error:") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_foreign_hdf5_file_is_refused(tmp_path, capsys):
+    import h5py
+
+    h5py.File(tmp_path / "other.hdf5", "w").close()
+    assert main(["train", "--demos", str(tmp_path / "other.hdf5"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a `divla-eval collect` file" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -11,12 +12,42 @@ from divla_eval.errors import DivlaEvalError
 from divla_eval.train import Recipe
 
 
+def _expected_type(f: dataclasses.Field) -> tuple[type, ...]:
+    """What a command-line value for a config field may be, judged from the field's default."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if "dict" in str(f.type):
+        return (dict, type(None))
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, (tuple, list)):
+        return (list, tuple)
+    if isinstance(default, dict):
+        return (dict,)
+    return (str, type(None)) if default is None or isinstance(default, str) else (type(default),)
+
+
 def config_from_options(options: dict) -> DiVLAConfig:
-    names = {f.name for f in dataclasses.fields(DiVLAConfig)}
-    unknown = sorted(set(options) - names)
+    fields = {f.name: f for f in dataclasses.fields(DiVLAConfig)}
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise DivlaEvalError(f"unknown DiVLA option(s) {unknown}; valid: {', '.join(sorted(names))}")
-    return DiVLAConfig(**options)
+        raise DivlaEvalError(f"unknown DiVLA option(s) {unknown}; valid: {', '.join(sorted(fields))}")
+    for name, value in options.items():
+        expected = _expected_type(fields[name])
+        wrong_bool = isinstance(value, bool) and bool not in expected  # bool is an int in Python
+        if wrong_bool or not isinstance(value, expected):
+            kinds = "/".join(t.__name__ for t in expected)
+            raise DivlaEvalError(f"DiVLA option {name}={value!r}: expected {kinds}")
+    for name in ("vision_pretrained", "vlm_pretrained"):  # offline: a local checkpoint directory only
+        if options.get(name) is not None and not Path(options[name]).is_dir():
+            raise DivlaEvalError(f"{name}: {options[name]} is not a directory (a local HF checkpoint)")
+    try:
+        return DiVLAConfig(**options)
+    except ValueError as exc:
+        raise DivlaEvalError(f"invalid DiVLA options: {exc}") from exc
 
 
 def dataset_kwargs(options: dict) -> dict:
