@@ -248,7 +248,7 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from divla_eval.train import TrainConfig, check_demos_task, train
+    from divla_eval.train import TrainConfig, check_demos_task, is_loss, train
 
     cfg = TrainConfig(
         policy=args.policy,
@@ -271,7 +271,7 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
         return 130
-    losses = ", ".join(f"{k} {v:.4f}" for k, v in s["final"].items() if k == "loss" or k.startswith("l_"))
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in s["final"].items() if is_loss(k))
     print(f"trained {cfg.policy} for {s['steps']} steps ({s['seconds']:.0f} s this session): {losses}")
     print(f"checkpoint: {s['out']}  (evaluate: divla-eval run --policy {cfg.policy} --checkpoint {s['out']})")
     return 0

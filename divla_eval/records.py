@@ -71,7 +71,7 @@ class EpisodeRecord:
     """Share of policy calls whose reasoning phrase equals the scripted expert's phrase for the same
     state (None for policies that write no reasoning, and for the expert itself)."""
     reasoning_scores: dict | None = None
-    """{"exact", "subtask", "object"} shares over the scored calls (see runner.reasoning_scores)."""
+    """{"exact", "subtask", "object"} shares over the scored calls (see divla_eval.reasoning)."""
 
     def to_json(self) -> str:
         """One line of JSON (sorted keys, so files diff cleanly)."""

@@ -9,7 +9,6 @@ fault marks that episode `error` (counted as a failure, with its traceback) and 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import time
 import traceback
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from divla_eval.errors import DivlaEvalError
-from divla_eval.reasoning import reasoning_accuracy, reasoning_scores
+from divla_eval.reasoning import reasoning_scores
 from divla_eval.records import (
     EpisodeRecord,
     EpisodeStore,
@@ -97,7 +96,7 @@ def validate(cfg: RunConfig) -> None:
             )
         if not Path(cfg.checkpoint).is_dir():
             raise DivlaEvalError(f"checkpoint directory {cfg.checkpoint} does not exist")
-        check = getattr(importlib.import_module(factory.__module__), "check_checkpoint", None)
+        check = getattr(factory, "check_checkpoint", None)
         if check is not None:  # a cheap look (no torch) at the files and the robot they were made for
             check(cfg.checkpoint, task.embodiment)
     for name, level in cfg.perturbations:
@@ -169,6 +168,7 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
             frames.append(_captioned(env.camera_image("front"), reasoning[-1]["text"] if reasoning else ""))
     if video_path is not None:
         _write_video(video_path, frames)
+    scores = reasoning_scores(reasoning)
     return {
         "success": bool(info["success"]),
         "partial_score": float(info["partial_score"]),
@@ -176,8 +176,8 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         "steps": env.steps,
         "latency_ms": _latency_stats(latencies),
         "reasoning_trace": reasoning,
-        "reasoning_accuracy": reasoning_accuracy(reasoning),
-        "reasoning_scores": reasoning_scores(reasoning),
+        "reasoning_accuracy": scores["exact"] if scores else None,
+        "reasoning_scores": scores,
         "object_ids": list(episode.object_ids),
         "instruction": episode.instruction,
         "perturbations": list(env.perturbation_params),

@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     row.update(step=step, lr=_lr_at(cfg, step), seconds=round(time.perf_counter() - t0, 2))
                     log.write(json.dumps(row) + "\n")
                     log.flush()
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if _is_loss(k)})
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if is_loss(k)})
                 bar.update(1)
                 done = step + 1
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
@@ -232,7 +232,8 @@ def _ema_update(ema, model, decay: float) -> None:
             e.copy_(b)
 
 
-def _is_loss(key: str) -> bool:
+def is_loss(key: str) -> bool:
+    """Whether a logged key is a loss term (the rest are step, lr, seconds)."""
     return key == "loss" or key.startswith("l_")
 
 
@@ -313,7 +314,7 @@ def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    keys = [k for k in df.columns if _is_loss(k)]
+    keys = [k for k in df.columns if is_loss(k)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axes[0], keys):
         ax.plot(df["step"], df[k], alpha=0.3, lw=0.8)

@@ -64,6 +64,7 @@ class DiVLAPolicy:
     (`for_training`)."""
 
     requires_checkpoint = True
+    check_checkpoint = staticmethod(check_checkpoint)  # what the runner's validation calls
 
     def __init__(self, model, checkpoint_id: str | None = None, device: str = "cpu"):
         import os
