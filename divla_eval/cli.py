@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
     tr.add_argument(
+        "--ema-decay", type=float, default=0.999, help="EMA of the weights to save (0: the raw weights)"
+    )
+    tr.add_argument(
         "--option",
         type=_option,
         action="append",
@@ -259,6 +262,7 @@ def _cmd_train(args) -> int:
         lr=args.lr,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        ema_decay=args.ema_decay,
         options={k: _value(v) for k, v in args.option},
     )
     if args.task is not None:

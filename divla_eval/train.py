@@ -101,6 +101,8 @@ def check_demos_task(demos: Path, task: str) -> None:
 def _check_inputs(cfg: TrainConfig) -> None:
     RECIPES.check_name(cfg.policy)
     _recorded_task(cfg.demos)  # exists, is HDF5, was made by `divla-eval collect`
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise DivlaEvalError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise DivlaEvalError("--steps and --batch-size must be >= 1")
 

@@ -76,13 +76,17 @@ def test_demo_replays_from_its_stored_initial_state(demo_file):
         kwargs = json.loads(f["data"].attrs["env_args"])["env_kwargs"]
         g = f["data/demo_1"]
         states, actions = g["states"][:], g["actions"][:]
+        first_images = {c: g[f"obs/{c}_image"][0] for c in ("front", "wrist")}
         seed = int(g.attrs["seed"])
-    env = DivlaEnv(**{**kwargs, "cameras": ()})
+    env = DivlaEnv(**kwargs)
     try:
         spec = EpisodeSpec("bin_picking", "seen", 1, 1000, kwargs["difficulty"], ())
         env.reset(options={"episode": spec})
         assert seed == spec.seed("scene")
         np.testing.assert_array_equal(env.get_state(), states[0])
+        obs = env.observe(cameras=("front", "wrist"))  # what a policy sees at evaluation = what it learnt
+        for cam, image in first_images.items():
+            np.testing.assert_array_equal(obs[cam], image)
         for t, action in enumerate(actions):
             if t:
                 np.testing.assert_allclose(env.get_state(), states[t], atol=1e-6)
