@@ -311,6 +311,10 @@ def _cmd_collect(args) -> int:
         failed = f": {shown}{', ...' if len(keys) > 10 else ''}"
     print(f"collected {s.demos} demos from {s.episodes} episodes ({len(s.failed)} failed{failed})")
     print(f"{s.samples} samples in {s.path}; ran {s.ran}, resumed past {s.skipped}")
+    if s.new_demos:
+        rate = s.new_demos / s.seconds * 3600
+        workers = f"{args.workers} workers"
+        print(f"rate: {s.new_demos} new demos in {s.seconds:.0f} s = {rate:.0f} demos/hour ({workers})")
     return 0
 
 

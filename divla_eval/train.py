@@ -79,13 +79,23 @@ class TrainConfig:
 
 def _recorded_task(demos: Path) -> str:
     """The task a demonstrations file was collected on; refuses files `divla-eval collect` did not make."""
+    from divla_eval.data.collect import FORMAT_VERSION
+
     with _open_demos(demos) as f:
         try:
-            return json.loads(f["data"].attrs["env_args"])["env_kwargs"]["task"]
+            env_args = json.loads(f["data"].attrs["env_args"])
+            task = env_args["env_kwargs"]["task"]
         except (KeyError, ValueError) as exc:
             raise DivlaEvalError(
                 f"{demos} has no data/ group with env_args: not a `divla-eval collect` file"
             ) from exc
+    version = env_args.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DivlaEvalError(
+            f"{demos} was recorded in format {version}; this version reads format {FORMAT_VERSION} "
+            "(the proprioception layout changed): collect it again with `divla-eval collect`"
+        )
+    return task
 
 
 def check_demos_task(demos: Path, task: str) -> None:

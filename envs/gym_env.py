@@ -18,7 +18,7 @@ from divla_eval.envs.layout import FRONT_CAMERA, TABLE_TOP_Z, WRIST_CAMERA, WRIS
 from divla_eval.envs.perturbations import AppearanceSnapshot, resolve
 
 CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA, "wrist_left": WRIST_CAMERA_LEFT}
-PROPRIO_DIM = 9  # per arm
+PROPRIO_DIM = 11  # per arm: position 3, rotation 6 (two matrix columns), fingers 2
 ACTION_DIM = 7  # per arm
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-:;()!?"
 
@@ -67,10 +67,11 @@ class SimulationFault(RuntimeError):
 class DivlaEnv(gym.Env):
     """A registered task as a gymnasium env.
 
-    Observation: a dict with one uint8 HxWx3 image per camera in `cameras`, `proprio` (end-effector
-    position, quaternion and finger positions) and the `instruction`. Action: OSC end-effector delta
-    (dx, dy, dz, dax, day, daz) and gripper, each in [-1, 1]. Reward: 1.0 on the step that succeeds.
-    `info["success"]` and `info["partial_score"]` are the task's judgement of the current state.
+    Observation: a dict with one uint8 HxWx3 image per camera in `cameras`, `proprio` (per arm:
+    end-effector position, rotation as two matrix columns, finger positions) and the `instruction`.
+    Action: OSC end-effector delta (dx, dy, dz, dax, day, daz) and gripper, each in [-1, 1].
+    Reward: 1.0 on the step that succeeds. `info["success"]` and `info["partial_score"]` are the
+    task's judgement of the current state.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -111,7 +112,7 @@ class DivlaEnv(gym.Env):
         obs_spaces = {
             c: spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8) for c in self.cameras
         }
-        obs_spaces["proprio"] = spaces.Box(-10.0, 10.0, (PROPRIO_DIM * arms,), np.float32)  # metres, quat
+        obs_spaces["proprio"] = spaces.Box(-10.0, 10.0, (PROPRIO_DIM * arms,), np.float32)
         obs_spaces["instruction"] = spaces.Text(max_length=256, charset=INSTRUCTION_CHARSET)
         self.observation_space = spaces.Dict(obs_spaces)
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM * arms,), np.float32)

@@ -25,7 +25,6 @@ from robosuite.models.arenas import TableArena
 from robosuite.models.objects import MujocoObject
 from robosuite.models.tasks import ManipulationTask
 from robosuite.utils.placement_samplers import ObjectPositionSampler
-from robosuite.utils.transform_utils import mat2quat
 
 from divla_eval.envs.layout import (
     BIMANUAL_Y_OFFSETS,
@@ -227,11 +226,17 @@ class TabletopEnv(ManipulationEnv):
         return np.array(self.sim.data.site_xmat[self.robots[robot].eef_site_id["right"]].reshape(3, 3))
 
     def proprio(self) -> np.ndarray:
-        """Per arm: end-effector position (3), quaternion (4), gripper finger positions (2)."""
+        """Per arm: end-effector position (3), orientation as the first two columns of its rotation
+        matrix (6), gripper finger positions (2).
+
+        Not a quaternion: q and -q are the same orientation, and a top-down gripper sits right where
+        the sign flips, so a quaternion jumps between +-1 from one step to the next. The 6-D
+        representation (Zhou et al., CVPR 2019) is continuous, which a learned policy needs.
+        """
         parts = []
         for robot in self.robots:
             site = robot.eef_site_id["right"]
-            quat = mat2quat(self.sim.data.site_xmat[site].reshape(3, 3))
+            rot = self.sim.data.site_xmat[site].reshape(3, 3)
             fingers = self.sim.data.qpos[robot._ref_gripper_joint_pos_indexes["right"]]
-            parts += [self.sim.data.site_xpos[site], quat, fingers]
+            parts += [self.sim.data.site_xpos[site], rot[:, 0], rot[:, 1], fingers]
         return np.concatenate(parts).astype(np.float32)

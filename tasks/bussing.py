@@ -70,11 +70,9 @@ ITEMS = (
 
 
 def build_item(item: Item, sim_name: str):
-    """Primitive-built objects (and robosuite's can), each with a grasp hint for the expert."""
+    """Primitive-built objects, each with a grasp hint for the expert."""
     from robosuite.models.objects import BoxObject, CylinderObject
-    from robosuite.models.objects import objects as rs_objects
     from robosuite.models.objects.generated_objects import CompositeObject
-    from robosuite.utils.mjcf_utils import xml_path_completion
 
     from divla_eval.envs._builders import GraspHint
 
@@ -114,15 +112,17 @@ def build_item(item: Item, sim_name: str):
             [(0.05, 0.008, 0.012), head],
             [(-0.022, 0, 0), (0.055, 0, -0.004)],
         )
-        hint = GraspHint(offset=(-0.022, 0.0, 0.0), close_axis="y")
+        # at the centre of mass (where handle meets head), so the object does not pivot in the fingers
+        hint = GraspHint(offset=(-0.002 if item.shape == "fork" else -0.007, 0.0, 0.0), close_axis="y")
     elif item.shape == "can":
-        obj = rs_objects.MujocoXMLObject(
-            xml_path_completion("objects/can.xml"),
+        # A primitive cylinder rather than robosuite's can mesh: the mesh, stiff and touched by each
+        # finger at a point or two, slid down through the fingers and fell out while being carried.
+        obj = CylinderObject(
             name=sim_name,
-            joints=[dict(type="free", damping="0.0005")],
-            obj_type="all",
-            duplicate_collision_geoms=True,
-            scale=0.8 * s,
+            size=(0.026 * s, 0.04 * s),
+            rgba=item.rgba,
+            density=150,
+            friction=(1.0, 0.005, 0.0001),
         )
     elif item.shape == "paper":  # a crumpled, squashed ball that does not roll away
         # A lump on a flat-sided core: the fingers (closing along y) press on flat faces. A plain
@@ -274,6 +274,11 @@ class BussingEpisode(TaskEpisode):
                 via_xy=HOME[arm][:2],
                 carry_gain=1.0,
                 settle_steps=10,
+                # forks and cups are held off their centre and the tray is small; a cup swung at
+                # full speed slipped out of the fingers (traced on bussing seen episode 44)
+                centre_object=True,
+                carry_max=0.5,
+                regrasp_on_slip=True,
             )
         expert = self._current
         item = self.items[expert.obj_index]
@@ -302,7 +307,7 @@ class Bussing(Task):
     """Bimanual table bussing; see the module docstring."""
 
     name: str = "bussing"
-    version: str = "1"
+    version: str = "2"  # 2: a primitive can, forks and spoons grasped at their centre of mass
     splits: tuple[str, ...] = ("seen", "mixed")
     max_steps: int = 1500  # ~200 steps per object, 5 at most, and room for a re-grasp or two
     robots: tuple[str, ...] = ("Panda", "Panda")

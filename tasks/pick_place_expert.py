@@ -41,6 +41,15 @@ class PickPlaceExpert:
     can drive an arm through an outstretched, singular pose where it stalls."""
     settle_steps: int = 0
     """Steps to hold still at the release height before opening, so a swinging object calms down."""
+    carry_max: float = 1.0
+    """Largest carry action per axis (1 is the controller's full speed); light, tall objects such as
+    cups slip out of the fingers when swung at full speed."""
+    regrasp_on_slip: bool = False
+    """Go back and grasp again when the object leaves the fingers during the carry, instead of
+    carrying an empty hand to the goal."""
+    centre_object: bool = False
+    """Put the object's centre, not the hand, over the goal. A long or hollow object held off its
+    centre (a fork by its handle, a cup by its rim) otherwise lands beside a small receptacle."""
     phase: str = "approach"
     retries: int = 0
     _phase_steps: int = 0
@@ -48,6 +57,8 @@ class PickPlaceExpert:
     _close_at: np.ndarray | None = None
     _low_since: int | None = None
     _via_passed: bool = False
+    _hold_offset: np.ndarray | None = None
+    _carry_gap: float | None = None
 
     @property
     def done(self) -> bool:
@@ -96,6 +107,36 @@ class PickPlaceExpert:
     def _next(self, phase: str) -> None:
         self.phase, self._phase_steps, self._low_since = phase, 0, None
 
+    def _slipping(self, env) -> bool:
+        """Has the object moved away from the hand since the carry began? (Distance, not finger
+        contacts: a held object touches one pad only now and then while it swings.)"""
+        gap = float(np.linalg.norm(env.object_positions()[self.obj_index] - env.eef_pos_of(self.robot)))
+        if self._carry_gap is None:
+            self._carry_gap = gap
+        return gap > self._carry_gap + 0.05
+
+    def _slipped(self, env) -> np.ndarray:
+        """The object fell out during the carry: grasp it again where it lies (counts as a retry)."""
+        if self.retries < self.max_retries:
+            self.retries += 1
+            self._via_passed, self._carry_gap = False, None
+            self._next("approach")
+        else:
+            self._next("done")
+        return self._action(env, env.eef_pos_of(self.robot), None, -1.0)
+
+    def _goal(self, env, measure: bool = False) -> np.ndarray:
+        """Where the hand goes above the goal: the goal itself, or with `centre_object` the goal
+        shifted by the object's offset in the hand (measured on entering carry and lower, then held,
+        so a swinging object does not make the target chase it)."""
+        goal = np.array(self.goal_xy, dtype=float)
+        if not self.centre_object:
+            return goal
+        if measure or self._hold_offset is None:
+            obj = env.object_positions()[self.obj_index][:2]
+            self._hold_offset = np.asarray(obj) - env.eef_pos_of(self.robot)[:2]
+        return goal - self._hold_offset
+
     # --- the state machine --------------------------------------------------------------------------
     def act(self, env) -> np.ndarray:
         self._phase_steps += 1
@@ -141,13 +182,16 @@ class PickPlaceExpert:
                 if np.linalg.norm((target - eef)[:2]) < 0.03 or self._phase_steps > 80:
                     self._via_passed, self._phase_steps = True, 0
             else:
-                target = np.array([self.goal_xy[0], self.goal_xy[1], SAFE_Z])
+                target = np.array([*self._goal(env, measure=self._phase_steps == 1), SAFE_Z])
+            if self.regrasp_on_slip and self._slipping(env):
+                return self._slipped(env)
             a = self._action(env, target, None, 1.0, gain=self.carry_gain)
+            a[:3] = np.clip(a[:3], -self.carry_max, self.carry_max)
             if not first_leg and (np.linalg.norm((target - eef)[:2]) < 0.02 or self._phase_steps > 80):
                 self._next("lower")
             return a
         if self.phase == "lower":
-            target = np.array([self.goal_xy[0], self.goal_xy[1], self.release_z])
+            target = np.array([*self._goal(env, measure=self._phase_steps == 1), self.release_z])
             a = self._action(env, target, None, 1.0)
             if abs(target[2] - eef[2]) < 0.015 and self._low_since is None:
                 self._low_since = self._phase_steps
@@ -156,12 +200,12 @@ class PickPlaceExpert:
                 self._next("release")
             return a
         if self.phase == "release":
-            a = self._action(env, np.array([self.goal_xy[0], self.goal_xy[1], self.release_z]), None, -1.0)
+            a = self._action(env, np.array([*self._goal(env), self.release_z]), None, -1.0)
             if self._phase_steps > 10:
                 self._next("retreat")
             return a
         if self.phase == "retreat":
-            target = np.array([self.goal_xy[0], self.goal_xy[1], SAFE_Z])
+            target = np.array([*self._goal(env), SAFE_Z])
             if self._phase_steps > 20:
                 self._next("done")
             return self._action(env, target, None, -1.0)

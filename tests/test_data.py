@@ -46,7 +46,7 @@ def test_collect_writes_robomimic_layout(demo_file):
             assert g["states"].dtype == np.float64 and g["states"].shape[0] == t
             assert g["obs/front_image"].shape == (t, 32, 32, 3) and g["obs/front_image"].dtype == np.uint8
             assert g["obs/wrist_image"].shape == (t, 32, 32, 3) and g["obs/wrist_image"].dtype == np.uint8
-            assert g["obs/proprio"].shape == (t, 9) and g["obs/proprio"].dtype == np.float32
+            assert g["obs/proprio"].shape == (t, 11) and g["obs/proprio"].dtype == np.float32
             assert g["rewards"].shape == (t,) and g["rewards"][-1] == 1.0 and g["rewards"][:-1].sum() == 0
             assert g["dones"][-1] == 1 and g["dones"][:-1].sum() == 0
             reasoning = list(g["reasoning"].asstr()[:])
@@ -101,10 +101,13 @@ def test_rerun_with_same_args_skips_existing_demos(demo_file):
     with h5py.File(path, "r") as f:
         before = f["data/demo_0/actions"][:]
     summary = collect(CFG, path, progress=False)
-    assert summary.ran == 0 and summary.skipped == 2 and summary.demos == 2
+    assert summary.ran == 0 and summary.skipped == 2 and summary.demos == 2 and summary.new_demos == 0
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["data/demo_0/actions"][:], before)
-        assert len(json.loads(f["data"].attrs["sessions"])) == 2
+        sessions = json.loads(f["data"].attrs["sessions"])
+    assert len(sessions) == 2
+    # each session keeps its timing: the collection rate (demos per hour) is read from it
+    assert sessions[0]["new_demos"] == 2 and sessions[0]["seconds"] > 0 and sessions[1]["new_demos"] == 0
 
 
 def test_interrupted_demo_is_redone_on_resume(demo_file, tmp_path):

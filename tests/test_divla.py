@@ -61,7 +61,7 @@ def batch(b: int = 3, size: int = 28):
     g = torch.Generator().manual_seed(1)
     return dict(
         images={c: torch.rand(b, 3, size, size, generator=g) for c in ("front", "wrist")},
-        proprio=torch.randn(b, 9, generator=g),
+        proprio=torch.randn(b, 11, generator=g),
         instructions=[TEXTS[0]] * b,
         reasonings=[TEXTS[1 + i % 3] for i in range(b)],
         actions=torch.rand(b, 8, 7, generator=g) * 2 - 1,
@@ -134,17 +134,17 @@ def test_forced_reasoning_changes_the_action():
 def test_new_embodiment_head_leaves_shared_weights_untouched():
     m = tiny_model()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    m.add_embodiment("bimanual_panda", action_dim=14, proprio_dim=18)
+    m.add_embodiment("bimanual_panda", action_dim=14, proprio_dim=22)
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert {k for k in after if k not in before} == {
         k for k in after if k.startswith("heads.bimanual_panda.")
     }
     images, proprio = single_obs(batch())
-    out = m.act(images, torch.randn(1, 18), TEXTS[0], "bimanual_panda")
+    out = m.act(images, torch.randn(1, 22), TEXTS[0], "bimanual_panda")
     assert out.actions.shape == (1, 8, 14)
     with pytest.raises(ValueError, match="exists already"):
-        m.add_embodiment("panda", 7, 9)
+        m.add_embodiment("panda", 7, 11)
 
 
 def test_generation_feeds_one_token_per_step_through_the_kv_cache():
@@ -175,7 +175,7 @@ def test_generation_feeds_one_token_per_step_through_the_kv_cache():
 
 def test_save_load_round_trip_gives_identical_actions(tmp_path):
     m = tiny_model()
-    m.heads["panda"].set_stats(-np.ones(7) * 0.5, np.ones(7), np.zeros(9), np.ones(9) * 2)
+    m.heads["panda"].set_stats(-np.ones(7) * 0.5, np.ones(7), np.zeros(11), np.ones(11) * 2)
     save_model(m, tmp_path / "ckpt", meta={"steps": 0})
     policy = DiVLAPolicy.from_pretrained(tmp_path / "ckpt")
     images, proprio = single_obs(batch())
@@ -225,7 +225,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="damaged"):
         DiVLAPolicy.from_pretrained(tmp_path / "ok")
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
-    assert cfg["embodiments"] == {"panda": [7, 9]}
+    assert cfg["embodiments"] == {"panda": [7, 11]}
 
 
 def test_lora_and_freezing_train_only_what_they_should():

@@ -22,7 +22,7 @@ def _spec(i, split="seen"):
 
 def test_two_arms_and_their_spaces(env):
     obs, _ = env.reset(options={"episode": _spec(0)})
-    assert env.action_space.shape == (14,) and obs["proprio"].shape == (18,)
+    assert env.action_space.shape == (14,) and obs["proprio"].shape == (22,)
     assert len(env.sim.robots) == 2 and env.embodiment == "bimanual_panda"
 
 

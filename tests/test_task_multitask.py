@@ -214,6 +214,6 @@ def test_gym_id_makes_the_task():
     e = gym.make("divla_eval/MultiTask-v0", split="flip_pot", cameras=())
     try:
         obs, _ = e.reset(seed=0)
-        assert obs["instruction"] == "flip the pot upright" and obs["proprio"].shape == (9,)
+        assert obs["instruction"] == "flip the pot upright" and obs["proprio"].shape == (11,)
     finally:
         e.close()

@@ -129,3 +129,19 @@ def test_a_foreign_hdf5_file_is_refused(tmp_path, capsys):
     h5py.File(tmp_path / "other.hdf5", "w").close()
     assert main(["train", "--demos", str(tmp_path / "other.hdf5"), "--out", str(tmp_path / "x")]) == 2
     assert "not a `divla-eval collect` file" in capsys.readouterr().err
+
+
+def test_demos_from_an_older_format_are_refused(demos, tmp_path, capsys):
+    import shutil
+
+    import h5py
+
+    old = tmp_path / "old.hdf5"
+    shutil.copy(demos, old)
+    with h5py.File(old, "r+") as f:
+        env_args = json.loads(f["data"].attrs["env_args"])
+        env_args["format_version"] = 1
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+    assert main(["train", "--demos", str(old), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "recorded in format 1" in err and "collect it again" in err

@@ -23,7 +23,7 @@ File layout (robomimic's, plus what a VLA needs):
         reasoning [T]          utf-8    the expert's reasoning phrase at step t
         obs/front_image [T, H, W, 3] uint8   upright images drawn before the action
         obs/wrist_image [T, H, W, 3] uint8
-        obs/proprio     [T, 9]       float32 eef position, quaternion, finger joints
+        obs/proprio     [T, 11]      float32 eef position, rotation (2 matrix columns), finger joints
     mask/train, mask/valid   demo names (bytes), a deterministic ~90/10 split
 
 There is no `next_obs`: it would double the file for nothing a chunked policy uses; robomimic readers
@@ -55,7 +55,8 @@ from divla_eval.parallel import run_unordered
 CAMERAS = ("front", "wrist")
 DEFAULT_SEED = 1000
 VALID_FRACTION = 0.1
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: proprioception holds the rotation as two matrix columns (1 held a sign-ambiguous quaternion)."""
 ACTION_SPACE = {
     "type": "OSC_POSE delta + gripper",
     "dim": 7,
@@ -111,6 +112,10 @@ class CollectSummary:
     failed: dict[str, str]
     """Episode key -> why its expert failed (all sessions)."""
     samples: int
+    new_demos: int = 0
+    """Demos written by this call."""
+    seconds: float = 0.0
+    """Wall time of this call: with `new_demos` it gives the collection rate (demos per hour)."""
 
 
 @dataclass
@@ -449,6 +454,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
             desc=f"collect {cfg.task}",
         )
         n_demos, ran = len(names), 0
+        start = time.perf_counter()
         try:
             for _spec, outcome in run_unordered(_Collector, (cfg,), todo, workers, "demos"):
                 if outcome.data is None:
@@ -466,7 +472,15 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
             from divla_eval.records import environment_info
 
             env = environment_info(Path(__file__).resolve().parent)
-            session.update(ran=ran, git_commit=env["git_commit"], packages=env["packages"])
+            seconds = time.perf_counter() - start
+            session.update(
+                ran=ran,
+                new_demos=n_demos - len(names),
+                seconds=round(seconds, 1),
+                workers=workers,
+                git_commit=env["git_commit"],
+                packages=env["packages"],
+            )
             data.attrs["sessions"] = json.dumps([*sessions, session], sort_keys=True)
         names, total = _update_index(f, failed)
     return CollectSummary(
@@ -478,4 +492,6 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
         episodes=len(names) + len(failed),
         failed=failed,
         samples=total,
+        new_demos=session["new_demos"],
+        seconds=seconds,
     )

@@ -56,7 +56,7 @@ class DiVLAConfig:
     step_embed_dim: int = 32
     train_diffusion_steps: int = 100
     inference_steps: int = 10
-    embodiments: dict[str, tuple[int, int]] = field(default_factory=lambda: {"panda": (7, 9)})
+    embodiments: dict[str, tuple[int, int]] = field(default_factory=lambda: {"panda": (7, 11)})
     """Embodiment name -> (action dim, proprio dim); each gets its own in/out head."""
 
     # --- reasoning and loss -------------------------------------------------------------------------
