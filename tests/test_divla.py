@@ -88,6 +88,16 @@ def test_stage_shapes():
     assert len(out.reasoning_ids[0]) <= 6
 
 
+def test_several_noise_draws_per_observation_share_one_encoder_pass():
+    m = tiny_model(diffusion_samples=4)
+    calls = []
+    m.vision.register_forward_hook(lambda *_: calls.append(1))
+    seen = []
+    m.unet.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    out = m(**batch(), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["l_diff"]) and len(calls) == 1 and seen == [3 * 4]
+
+
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
     m = tiny_model()
     b = batch()

@@ -54,6 +54,11 @@ class DiVLAConfig:
     proprio_latent: int = 32
     unet_down_dims: tuple[int, ...] = (64, 128)
     step_embed_dim: int = 32
+    diffusion_samples: int = 1
+    """Noise draws (timestep and noise) per observation in each training batch. The vision encoder
+    and the decoder, the expensive part, run once per observation and only the small UNet runs this
+    many times, so the diffusion loss gets a less noisy gradient for little extra time (the "diffusion
+    batch multiplier" of Li et al., 2024, MAR)."""
     train_diffusion_steps: int = 100
     inference_steps: int = 10
     embodiments: dict[str, tuple[int, int]] = field(default_factory=lambda: {"panda": (7, 11)})
@@ -92,6 +97,8 @@ class DiVLAConfig:
                 raise ValueError(f"view_tokens must be square numbers, got {n}")
         if self.chunk % 2 ** (len(self.unet_down_dims) - 1):
             raise ValueError(f"chunk {self.chunk} must be divisible by 2**(len(unet_down_dims)-1)")
+        if self.diffusion_samples < 1:
+            raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:
             raise ValueError(f"execute_steps must be in 1..chunk, got {self.execute_steps}")
 

@@ -331,10 +331,12 @@ class DiVLAModel(nn.Module):
         r_emb = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
         cond = self._condition(hidden[:, -k:], proprio, head)
         actions = head.normalize_actions(actions)
+        n = self.cfg.diffusion_samples  # several noise draws per observation: the encoders run once
+        cond, r_emb_rep, actions = cond.repeat(n, 1), r_emb.repeat(n, 1), actions.repeat(n, 1, 1)
         noise = torch.randn(actions.shape, generator=generator, device=dev)
-        t = torch.randint(0, self.cfg.train_diffusion_steps, (b,), generator=generator, device=dev)
+        t = torch.randint(0, self.cfg.train_diffusion_steps, (b * n,), generator=generator, device=dev)
         noisy = self.train_scheduler.add_noise(actions, noise, t)
-        l_diff = F.mse_loss(self._eps(head, noisy, t, cond, r_emb), noise)
+        l_diff = F.mse_loss(self._eps(head, noisy, t, cond, r_emb_rep), noise)
         return {"loss": l_diff + self.cfg.alpha * l_ntp, "l_diff": l_diff, "l_ntp": l_ntp}
 
     # --- inference --------------------------------------------------------------------------------------
