@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ema-decay", type=float, default=0.999, help="EMA of the weights to save (0: the raw weights)"
     )
     tr.add_argument(
+        "--threads", type=_positive_int, default=2, help="torch threads (1 when other jobs share the cores)"
+    )
+    tr.add_argument(
         "--option",
         type=_option,
         action="append",
@@ -263,6 +266,7 @@ def _cmd_train(args) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         ema_decay=args.ema_decay,
+        threads=args.threads,
         options={k: _value(v) for k, v in args.option},
     )
     if args.task is not None:

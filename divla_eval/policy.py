@@ -46,6 +46,10 @@ class PolicyMetadata:
     privileged: bool = False
     reasoning: bool = False
     """The policy writes reasoning text; the runner then scores it against the expert's phrase."""
+    obs_horizon: int = 1
+    """Consecutive environment steps the policy conditions on (Diffusion Policy: 2). Calls are
+    `execute_steps` apart, so for > 1 the runner also hands the policy the observations of the
+    `obs_horizon - 1` steps before each call through `observe(obs)`; the policy keeps the history."""
 
 
 @runtime_checkable
@@ -57,6 +61,9 @@ class Policy(Protocol):
     def reset(self, instruction: str, seed: int) -> None: ...
 
     def infer(self, obs: Observation) -> ActionChunk: ...
+
+    # A policy with metadata.obs_horizon > 1 also has `observe(obs) -> None`: an observation between
+    # calls, to remember (no action is asked for).
 
 
 class RandomPolicy:
@@ -105,6 +112,11 @@ POLICIES.register(
     "divla",
     "divla_eval.divla.policy:DiVLAPolicy",
     description="DiVLA: VLM reasoning + FiLM-injected diffusion action head (needs --checkpoint)",
+)
+POLICIES.register(
+    "diffusion_policy",
+    "divla_eval.baselines.diffusion_policy.policy:DiffusionPolicy",
+    description="Diffusion Policy baseline (Chi et al. 2023), no language (needs --checkpoint)",
 )
 
 

@@ -134,6 +134,7 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
         policy.bind(env.sim, episode)
     cams = policy.metadata.cameras
     k = max(1, policy.metadata.execute_steps)
+    history = max(1, policy.metadata.obs_horizon)
     # A learned policy's reasoning is scored against the scripted expert's phrase for the same state.
     # The expert runs in the shadow every step (its phase timers count steps), its actions discarded.
     shadow = policy.metadata.reasoning and not policy.metadata.privileged
@@ -164,6 +165,13 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
                 reasoning.append(entry)
         terminated, truncated, info = env.advance(chunk.actions[j])
         j += 1
+        # A policy conditioned on several consecutive steps (as it was trained) sees the steps just
+        # before its next call too, not only the calls `execute_steps` apart.
+        if history > 1 and not (terminated or truncated) and 0 < min(k, len(chunk.actions)) - j < history:
+            obs = env.observe(cameras=cams)
+            policy.observe(
+                Observation({c: obs[c] for c in cams}, obs["proprio"], obs["instruction"], env.embodiment)
+            )
         if video_path is not None:
             frames.append(_captioned(env.camera_image("front"), reasoning[-1]["text"] if reasoning else ""))
     if video_path is not None:

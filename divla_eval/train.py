@@ -46,6 +46,56 @@ class Recipe:
 
 RECIPES: Registry = Registry("trainable policy")
 RECIPES.register("divla", "divla_eval.divla.train:RECIPE", description="DiVLA (reasoning + diffusion head)")
+RECIPES.register(
+    "diffusion_policy",
+    "divla_eval.baselines.diffusion_policy.train:RECIPE",
+    description="Diffusion Policy (Chi et al. 2023): CNN encoders + 1-D diffusion UNet, no language",
+)
+
+
+def _expected_type(f: dataclasses.Field) -> tuple[type, ...]:
+    """What a command-line value for a config field may be, judged from the field's default."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if "dict" in str(f.type):
+        return (dict, type(None))
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, (tuple, list)):
+        return (list, tuple)
+    if isinstance(default, dict):
+        return (dict,)
+    return (str, type(None)) if default is None or isinstance(default, str) else (type(default),)
+
+
+def check_options(config_cls: type, options: dict, label: str) -> None:
+    """Refuse `--option` overrides that name no field of a policy's config dataclass or have the
+    wrong type, in one line, before a model is built (a typo must not silently train the default)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise DivlaEvalError(f"unknown {label} option(s) {unknown}; valid: {', '.join(sorted(fields))}")
+    for name, value in options.items():
+        expected = _expected_type(fields[name])
+        wrong_bool = isinstance(value, bool) and bool not in expected  # bool is an int in Python
+        if wrong_bool or not isinstance(value, expected):
+            kinds = "/".join(t.__name__ for t in expected)
+            raise DivlaEvalError(f"{label} option {name}={value!r}: expected {kinds}")
+
+
+def random_shift(images, generator, pad: int = 4):
+    """Shift each image by up to `pad` pixels (replicate-padded, then cropped): the DrQ augmentation
+    that image-based diffusion policies train with, so the head does not latch onto exact pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
 
 
 @dataclass
@@ -65,14 +115,16 @@ class TrainConfig:
     """The saved policy is an exponential moving average of the weights (Diffusion Policy evaluates its
     EMA weights; raw weights sample noisier actions). 0 saves the raw weights."""
     threads: int = 2
+    """torch threads. On a machine shared with other jobs use 1: with 2, every operation waits for
+    the slower thread, and a step took ~10x longer here while a simulation held the other core."""
     options: dict[str, Any] = field(default_factory=dict)
     """Policy config overrides, e.g. {"reasoning_injection": False}."""
 
     def resume_key(self) -> dict:
         """What must match to resume (steps may grow: training further is allowed)."""
         d = dataclasses.asdict(self)
-        d.pop("steps")
-        d.pop("out")
+        for name in ("steps", "out", "threads"):  # threads change the speed, not the result's recipe
+            d.pop(name)
         d["demos"] = str(Path(self.demos).resolve())
         return json.loads(json.dumps(d, default=str))
 
@@ -173,8 +225,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     if state_path.is_file():
         state = json.loads(state_path.read_text())
-        if state["key"] != cfg.resume_key():
-            diff = sorted(k for k in state["key"] if state["key"].get(k) != cfg.resume_key().get(k))
+        stored = {k: v for k, v in state["key"].items() if k != "threads"}  # older states kept it
+        if stored != cfg.resume_key():
+            diff = sorted(k for k in stored if stored.get(k) != cfg.resume_key().get(k))
             raise ConfigMismatchError(
                 f"{out} holds training with other settings ({', '.join(diff)} differ); use another --out"
             )

@@ -10,46 +10,29 @@ Weights are safetensors only: no pickles are loaded from a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from divla_eval.errors import DivlaEvalError
+from divla_eval.checkpoint import (  # shared by every learned policy
+    CheckpointError,
+    check_files,
+    checkpoint_hash,
+    load_weights,
+    read_config,
+    save_weights,
+)
 from divla_eval.policy import ActionChunk, Observation, PolicyMetadata
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
-class CheckpointError(DivlaEvalError):
-    """A checkpoint directory is missing, incomplete, damaged or made for another robot."""
-
-
-def checkpoint_hash(path: Path) -> str:
-    """Content hash of the weights file (recorded in every episode row)."""
-    h = hashlib.sha256()
-    with open(Path(path) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def check_checkpoint(path: str | Path, embodiment: str | None = None) -> dict:
     """Validate a checkpoint directory without loading torch; returns its config dict."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
-        raise CheckpointError(
-            f"{path} is not a DiVLA checkpoint: missing {', '.join(missing)} "
-            f"(a checkpoint holds {', '.join(REQUIRED_FILES)}; make one with `divla-eval train`)"
-        )
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / 'config.json'} is damaged: {exc}") from exc
+    check_files(path, REQUIRED_FILES, "DiVLA")
+    cfg = read_config(path)
     heads = list(cfg.get("embodiments", {}))
     if embodiment is not None and embodiment not in heads:
         raise CheckpointError(
@@ -119,7 +102,7 @@ class DiVLAPolicy:
         path = Path(path)
         check_checkpoint(path)
         model = DiVLAModel(_load_config(path), _load_tokenizer(path))
-        _load_weights(model, path)
+        load_weights(model, path)
         return cls(model, checkpoint_id=checkpoint_hash(path), device=device)
 
     def save_pretrained(self, path: str | Path, half: bool = False, meta: dict | None = None) -> Path:
@@ -130,19 +113,11 @@ class DiVLAPolicy:
 def save_model(model, path: str | Path, half: bool = False, meta: dict | None = None) -> None:
     """Write a checkpoint directory atomically enough for resumable training: the weights file is
     written under a temporary name and renamed, so a crash never leaves a torn model.safetensors."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.cfg.save(path / "config.json")
     model.tokenizer.save_pretrained(path)
-    state = {
-        k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-    }
-    tmp = path / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float16" if half else "float32"})
-    tmp.replace(path / "model.safetensors")
+    save_weights(model, path, half=half)
     if meta is not None:
         (path / "divla_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -163,20 +138,3 @@ def _load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # tokenizers raises plain Exceptions on a damaged JSON file
         raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from exc
-
-
-def _load_weights(model, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path / 'model.safetensors'} is damaged: {exc}") from exc
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: the weights do not match config.json "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )

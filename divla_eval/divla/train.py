@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from divla_eval.divla.config import DiVLAConfig
 from divla_eval.errors import DivlaEvalError
-from divla_eval.train import Recipe
-
-
-def _expected_type(f: dataclasses.Field) -> tuple[type, ...]:
-    """What a command-line value for a config field may be, judged from the field's default."""
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if "dict" in str(f.type):
-        return (dict, type(None))
-    if isinstance(default, bool):
-        return (bool,)
-    if isinstance(default, int):
-        return (int,)
-    if isinstance(default, float):
-        return (int, float)
-    if isinstance(default, (tuple, list)):
-        return (list, tuple)
-    if isinstance(default, dict):
-        return (dict,)
-    return (str, type(None)) if default is None or isinstance(default, str) else (type(default),)
+from divla_eval.train import Recipe, check_options, random_shift
 
 
 def config_from_options(options: dict) -> DiVLAConfig:
-    fields = {f.name: f for f in dataclasses.fields(DiVLAConfig)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise DivlaEvalError(f"unknown DiVLA option(s) {unknown}; valid: {', '.join(sorted(fields))}")
-    for name, value in options.items():
-        expected = _expected_type(fields[name])
-        wrong_bool = isinstance(value, bool) and bool not in expected  # bool is an int in Python
-        if wrong_bool or not isinstance(value, expected):
-            kinds = "/".join(t.__name__ for t in expected)
-            raise DivlaEvalError(f"DiVLA option {name}={value!r}: expected {kinds}")
+    check_options(DiVLAConfig, options, "DiVLA")
     for name in ("vision_pretrained", "vlm_pretrained"):  # offline: a local checkpoint directory only
         if options.get(name) is not None and not Path(options[name]).is_dir():
             raise DivlaEvalError(f"{name}: {options[name]} is not a directory (a local HF checkpoint)")
@@ -77,18 +49,6 @@ def build(dataset, options: dict):
     model = DiVLAModel(cfg, tokenizer)
     model.heads[task.embodiment].set_stats(actions.min(0), actions.max(0), proprio.mean(0), proprio.std(0))
     return model
-
-
-def random_shift(images, generator, pad: int = 4):
-    """Shift each image by up to `pad` pixels (replicate-padded, then cropped): the DrQ augmentation
-    that image-based diffusion policies train with, so the head does not latch onto exact pixels."""
-    import torch
-    import torch.nn.functional as F
-
-    b, _, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
 
 
 def loss(model, batch, generator) -> dict:

@@ -1,0 +1,187 @@
+"""The Diffusion Policy network (Chi et al. 2023, CNN variant), at any size.
+
+Data flow of one call:
+
+    each camera, each of the last T_o steps --its own ResNet-style encoder (GroupNorm)-->
+        spatial softmax: K keypoints (expected x, y of a softmax over positions) --linear--> feature
+    [camera features, standardised proprioception] per step, T_o steps concatenated
+        = the global condition of a FiLM-conditioned 1-D UNet (`divla_eval.nn.cond_unet1d`)
+    noise [T_p, action_dim] --10 DDIM steps of the UNet--> a chunk in [-1, 1] --min-max--> actions
+
+Kept in a module of its own (the adapter in policy.py imports it lazily) so that validating a
+checkpoint directory does not import torch. No language input: the paper's policy has none, so on a
+task with several instructions it can only infer the goal from the scene.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig, norm_groups
+from divla_eval.nn.cond_unet1d import ConditionalUnet1D
+
+
+class ResidualBlock(nn.Module):
+    """ResNet's basic block with GroupNorm in place of BatchNorm: batch statistics would differ
+    between training batches, EMA weights and single-observation inference."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+            nn.GroupNorm(norm_groups(c_out), c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.GroupNorm(norm_groups(c_out), c_out),
+        )
+        self.skip = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(norm_groups(c_out), c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class SpatialSoftmax(nn.Module):
+    """Keypoints as expected image coordinates (Levine et al. 2016; robomimic's pooling, which the
+    paper keeps): unlike average pooling it preserves *where* things are, which is what an action
+    needs."""
+
+    def __init__(self, channels: int, num_keypoints: int):
+        super().__init__()
+        self.keypoints = nn.Conv2d(channels, num_keypoints, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.keypoints(x)  # [N, K, H, W]
+        n, k, h, w = f.shape
+        attn = f.flatten(2).softmax(-1).view(n, k, h, w)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+        ex = (attn.sum(2) * xs).sum(-1)  # [N, K]
+        ey = (attn.sum(3) * ys).sum(-1)
+        return torch.stack([ex, ey], dim=-1).flatten(1)  # [N, 2K]: (x, y) per keypoint
+
+
+class ImageEncoder(nn.Module):
+    """One camera: stride-2 stem + max-pool (as ResNet's), residual stages, keypoints, projection."""
+
+    def __init__(self, cfg: DiffusionPolicyConfig):
+        super().__init__()
+        chans = cfg.encoder_channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, chans[0], 3, 2, 1, bias=False),
+            nn.GroupNorm(norm_groups(chans[0]), chans[0]),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        stages, c_in = [], chans[0]
+        for i, c in enumerate(chans):
+            stages.append(ResidualBlock(c_in, c, stride=1 if i == 0 else 2))
+            c_in = c
+        self.stages = nn.Sequential(*stages)
+        self.pool = SpatialSoftmax(c_in, cfg.num_keypoints)
+        self.proj = nn.Linear(2 * cfg.num_keypoints, cfg.feature_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float [N, 3, H, W] in [0, 1] -> [N, feature_dim]."""
+        return self.proj(self.pool(self.stages(self.stem(images * 2 - 1))))
+
+
+class DiffusionPolicyModel(nn.Module):
+    def __init__(self, cfg: DiffusionPolicyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoders = nn.ModuleDict({c: ImageEncoder(cfg) for c in cfg.cameras})  # not shared, as the paper
+        self.unet = ConditionalUnet1D(
+            input_dim=cfg.action_dim,
+            cond_dim=cfg.cond_dim,
+            down_dims=cfg.unet_down_dims,
+            step_embed_dim=cfg.step_embed_dim,
+            kernel=cfg.kernel_size,
+            groups=cfg.unet_groups,
+        )
+        # the robot's normalisation statistics: buffers, so they travel inside the weights file
+        self.register_buffer("action_min", -torch.ones(cfg.action_dim))
+        self.register_buffer("action_max", torch.ones(cfg.action_dim))
+        self.register_buffer("proprio_mean", torch.zeros(cfg.proprio_dim))
+        self.register_buffer("proprio_std", torch.ones(cfg.proprio_dim))
+        sched = dict(
+            num_train_timesteps=cfg.train_diffusion_steps,
+            beta_schedule="squaredcos_cap_v2",
+            clip_sample=True,
+            prediction_type="epsilon",
+        )
+        self.train_scheduler = DDPMScheduler(**sched)
+        self.infer_scheduler = DDIMScheduler(**sched, set_alpha_to_one=True, steps_offset=0)
+
+    # --- normalisation --------------------------------------------------------------------------------
+    def set_stats(self, action_min, action_max, proprio_mean, proprio_std) -> None:
+        for name, value in zip(
+            ("action_min", "action_max", "proprio_mean", "proprio_std"),
+            (action_min, action_max, proprio_mean, proprio_std),
+        ):
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+
+    def normalize_actions(self, a: torch.Tensor) -> torch.Tensor:
+        """To [-1, 1] per dimension (min-max, as the paper), so every dimension spans the range the
+        DDPM clips its samples to."""
+        span = (self.action_max - self.action_min).clamp(min=1e-6)
+        return (2 * (a - self.action_min) / span - 1).clamp(-1, 1)
+
+    def unnormalize_actions(self, a: torch.Tensor) -> torch.Tensor:
+        span = (self.action_max - self.action_min).clamp(min=1e-6)
+        return (a + 1) / 2 * span + self.action_min
+
+    def normalize_proprio(self, p: torch.Tensor) -> torch.Tensor:
+        return (p - self.proprio_mean) / self.proprio_std.clamp(min=1e-3)
+
+    # --- conditioning ---------------------------------------------------------------------------------
+    def encode(self, images: dict[str, torch.Tensor], proprio: torch.Tensor) -> torch.Tensor:
+        """images: camera -> float [B, T_o, 3, H, W] in [0, 1]; proprio: [B, T_o, P] (oldest first).
+        Returns the global condition [B, T_o * (cameras * feature_dim + P)]."""
+        b, t = proprio.shape[:2]
+        feats = [self.encoders[c](images[c].flatten(0, 1)).view(b, t, -1) for c in self.cfg.cameras]
+        return torch.cat([*feats, self.normalize_proprio(proprio)], dim=-1).flatten(1)
+
+    # --- training -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        images: dict[str, torch.Tensor],
+        proprio: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The epsilon-prediction loss on raw `actions` [B, T_p, A]. Chunks that run past a demo's end
+        repeat its last action and train like the rest ("stay put"), as in the paper."""
+        cond = self.encode(images, proprio)
+        x0 = self.normalize_actions(actions)
+        b, dev = x0.shape[0], x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=dev)
+        t = torch.randint(0, self.cfg.train_diffusion_steps, (b,), generator=generator, device=dev)
+        noisy = self.train_scheduler.add_noise(x0, noise, t)
+        l_diff = F.mse_loss(self.unet(noisy, t, cond), noise)
+        return {"loss": l_diff}
+
+    # --- inference ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(
+        self,
+        images: dict[str, torch.Tensor],
+        proprio: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A chunk of actions [B, T_p, A] in the robot's units for observations shaped as in `encode`."""
+        cond = self.encode(images, proprio)
+        shape = (cond.shape[0], self.cfg.chunk, self.cfg.action_dim)
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=cond.device)
+        sched = self.infer_scheduler
+        sched.set_timesteps(self.cfg.inference_steps)
+        for t in sched.timesteps:
+            x = sched.step(self.unet(x, t, cond), t, x).prev_sample
+        return self.unnormalize_actions(x)

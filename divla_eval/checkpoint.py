@@ -1,0 +1,86 @@
+"""Checkpoint-directory pieces shared by every learned policy (DiVLA and the baselines).
+
+A learned policy's checkpoint is a directory with a config.json and a model.safetensors (plus whatever
+the policy adds). The helpers here exist so that every policy refuses a bad directory with the same
+one-line `CheckpointError` the CLI prints cleanly, hashes its weights the same way for the episode
+records, and never unpickles anything: weights are safetensors only.
+
+Nothing here imports torch at module level: the runner validates checkpoints before it loads a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from divla_eval.errors import DivlaEvalError
+
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(DivlaEvalError):
+    """A checkpoint directory is missing, incomplete, damaged or made for another robot."""
+
+
+def checkpoint_hash(path: Path) -> str:
+    """Content hash of the weights file (recorded in every episode row)."""
+    h = hashlib.sha256()
+    with open(Path(path) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_files(path: Path, required: tuple[str, ...], kind: str) -> None:
+    """Refuse a directory that does not exist or lacks one of the `required` files of a `kind`
+    checkpoint, naming what is missing and how to make one."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    missing = [f for f in required if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a {kind} checkpoint: missing {', '.join(missing)} "
+            f"(a checkpoint holds {', '.join(required)}; make one with `divla-eval train`)"
+        )
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a checkpoint directory as a dict; a damaged file is a CheckpointError."""
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / 'config.json'} is damaged: {exc}") from exc
+
+
+def save_weights(model, path: Path, half: bool = False) -> None:
+    """Write model.safetensors under a temporary name, then rename it, so that a crash during
+    resumable training never leaves a torn weights file."""
+    from safetensors.torch import save_file
+
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    tmp = path / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "dtype": "float16" if half else "float32"})
+    tmp.replace(path / WEIGHTS)
+
+
+def load_weights(model, path: Path) -> None:
+    """Load model.safetensors into `model` as float32 (a half-precision file widens); a damaged file
+    or weights that do not fit the model built from config.json are CheckpointErrors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path / WEIGHTS} is damaged: {exc}") from exc
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the weights do not match config.json "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
