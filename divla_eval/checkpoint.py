@@ -84,3 +84,14 @@ def load_weights(model, path: Path) -> None:
             f"{path}: the weights do not match config.json "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+
+
+def check_proprio(path: Path, trained: int | None, expected: int | None) -> None:
+    """Refuse a checkpoint trained on another proprioception layout than the harness gives now
+    (demos of format 1 held a 4-D quaternion per arm where format 2 holds 6 rotation numbers)."""
+    if trained is None or expected is None or int(trained) == int(expected):
+        return
+    raise CheckpointError(
+        f"{path} was trained on {trained}-D proprioception but this version observes {expected}-D "
+        "(the layout changed in demo format 2): retrain it on demonstrations collected now"
+    )

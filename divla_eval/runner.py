@@ -98,7 +98,9 @@ def validate(cfg: RunConfig) -> None:
             raise DivlaEvalError(f"checkpoint directory {cfg.checkpoint} does not exist")
         check = getattr(factory, "check_checkpoint", None)
         if check is not None:  # a cheap look (no torch) at the files and the robot they were made for
-            check(cfg.checkpoint, task.embodiment)
+            from divla_eval.envs.gym_env import PROPRIO_DIM
+
+            check(cfg.checkpoint, task.embodiment, proprio_dim=PROPRIO_DIM * len(task.robots))
     for name, level in cfg.perturbations:
         PERTURBATIONS.check_name(name)
         if level not in LEVELS:

@@ -190,6 +190,9 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     save_model(tiny_model(), tmp_path / "ok")
     assert check_checkpoint(tmp_path / "ok", "panda")["chunk"] == 8
     assert "trained for 'panda', not for 'bimanual_panda'" in error(tmp_path / "ok", "bimanual_panda")
+    proprio = json.loads((tmp_path / "ok" / "config.json").read_text())["proprio_dim"]
+    with pytest.raises(CheckpointError, match=f"trained on {proprio}-D proprioception"):
+        check_checkpoint(tmp_path / "ok", "panda", proprio_dim=proprio + 2)
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "feature_dim": 12}))  # other shapes
     assert "do not match config.json" in error(tmp_path / "ok", load=True)

@@ -231,6 +231,10 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     assert check_checkpoint(tmp_path / "ok", "panda")["chunk"] == 8
     with pytest.raises(CheckpointError, match="not for 'bimanual_panda'"):
         check_checkpoint(tmp_path / "ok", "bimanual_panda")
+    # a model trained on the old quaternion proprioception (9-D) is refused, not run into a shape error
+    assert check_checkpoint(tmp_path / "ok", "panda", proprio_dim=11)
+    with pytest.raises(CheckpointError, match="trained on 11-D proprioception but this version observes 9-D"):
+        check_checkpoint(tmp_path / "ok", "panda", proprio_dim=9)
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="damaged"):
         DiVLAPolicy.from_pretrained(tmp_path / "ok")

@@ -21,6 +21,7 @@ from divla_eval.baselines.diffusion_policy.config import LABEL, DiffusionPolicyC
 from divla_eval.checkpoint import (
     CheckpointError,
     check_files,
+    check_proprio,
     checkpoint_hash,
     load_weights,
     read_config,
@@ -33,7 +34,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors")
 META_FILE = "diffusion_policy_meta.json"
 
 
-def check_checkpoint(path: str | Path, embodiment: str | None = None) -> dict:
+def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_dim: int | None = None) -> dict:
     """Validate a checkpoint directory without loading torch (files, config, robot); returns its
     config dict."""
     path = Path(path)
@@ -50,6 +51,7 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None) -> dict:
             f"{path} was trained for {cfg.embodiment!r}, not for {embodiment!r}: train one on this robot's "
             "demonstrations first"
         )
+    check_proprio(path, cfg.proprio_dim, proprio_dim)
     return d
 
 

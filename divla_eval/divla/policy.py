@@ -18,6 +18,7 @@ import numpy as np
 from divla_eval.checkpoint import (  # shared by every learned policy
     CheckpointError,
     check_files,
+    check_proprio,
     checkpoint_hash,
     load_weights,
     read_config,
@@ -28,7 +29,7 @@ from divla_eval.policy import ActionChunk, Observation, PolicyMetadata
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
-def check_checkpoint(path: str | Path, embodiment: str | None = None) -> dict:
+def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_dim: int | None = None) -> dict:
     """Validate a checkpoint directory without loading torch; returns its config dict."""
     path = Path(path)
     check_files(path, REQUIRED_FILES, "DiVLA")
@@ -39,6 +40,8 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None) -> dict:
             f"{path} has action heads for {heads}, not for {embodiment!r}: train (or fine-tune) one for "
             "this robot first"
         )
+    if embodiment is not None:
+        check_proprio(path, cfg["embodiments"][embodiment][1], proprio_dim)
     return cfg
 
 
