@@ -62,5 +62,5 @@ def reference(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def divla_reference(session: nox.Session) -> None:
-    """Demos, training, fp16 export and evaluation of the shipped DiVLA checkpoint (about an hour)."""
+    """Demos, training, fp16 export and evaluation of the shipped DiVLA checkpoint (~1 h 45 min)."""
     session.run("bash", "scripts/divla_reference.sh", external=True)
