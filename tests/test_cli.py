@@ -92,11 +92,27 @@ def _console_script() -> str:
 
 
 def test_console_script_end_to_end_with_report(tmp_path):
+    # the default policy for bin_picking is the shipped DiVLA reference checkpoint, and it says so
+    cmd = [_console_script(), "run", "--episodes", "1", "--max-steps", "16", "--no-progress"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "default")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "reference DiVLA checkpoint" in proc.stderr and "policy=divla" in proc.stdout
     out = tmp_path / "run"
-    cmd = [_console_script(), "run", "--episodes", "2", "--out", str(out), "--no-progress"]
+    cmd = [
+        _console_script(),
+        "run",
+        "--policy",
+        "scripted",
+        "--episodes",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "scripted expert" in proc.stderr  # says which policy it defaulted to
     assert "success 2/2" in proc.stdout
     proc = subprocess.run(
         [_console_script(), "report", str(out)], capture_output=True, text=True, timeout=120
