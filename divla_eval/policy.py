@@ -10,6 +10,7 @@ privileged upper bound, bound to the live episode by the runner through `bind`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -103,6 +104,20 @@ class ScriptedPolicy:
             raise RuntimeError("ScriptedPolicy.infer called before bind(env, episode)")
         out = self._episode.expert(self._env)
         return ActionChunk(actions=out.action[None, :], reasoning=out.reasoning)
+
+
+TORCH_THREADS_ENV = "DIVLA_EVAL_TORCH_THREADS"
+"""Set by the runner for its worker processes: each one's share of the cores for torch."""
+
+
+def use_torch_thread_share() -> None:
+    """A learned policy calls this when built: in a runner worker, torch takes only that worker's
+    share of the cores (otherwise every worker would start a thread per core and they would fight)."""
+    import torch
+
+    threads = int(os.environ.get(TORCH_THREADS_ENV, "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 POLICIES: Registry = Registry("policy")

@@ -205,7 +205,6 @@ def _shadow_reasoning(episode, env) -> str | None:
 
 
 VIDEO_WIDTH = 320
-TORCH_THREADS_ENV = "DIVLA_EVAL_TORCH_THREADS"
 
 
 def _captioned(frame: np.ndarray, text: str) -> np.ndarray:
@@ -347,6 +346,7 @@ def run(
     from tqdm import tqdm
 
     from divla_eval.parallel import run_unordered
+    from divla_eval.policy import TORCH_THREADS_ENV
     from divla_eval.tasks import get_task
 
     # Learned policies run torch: give each worker process its share of the cores, not all of them

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig, norm_groups
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
+from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers
 
 
 class ResidualBlock(nn.Module):
@@ -92,7 +92,7 @@ class ImageEncoder(nn.Module):
         return self.proj(self.pool(self.stages(self.stem(images * 2 - 1))))
 
 
-class DiffusionPolicyModel(nn.Module):
+class DiffusionPolicyModel(NormalizationStats, nn.Module):
     def __init__(self, cfg: DiffusionPolicyConfig):
         super().__init__()
         self.cfg = cfg
@@ -106,39 +106,8 @@ class DiffusionPolicyModel(nn.Module):
             groups=cfg.unet_groups,
         )
         # the robot's normalisation statistics: buffers, so they travel inside the weights file
-        self.register_buffer("action_min", -torch.ones(cfg.action_dim))
-        self.register_buffer("action_max", torch.ones(cfg.action_dim))
-        self.register_buffer("proprio_mean", torch.zeros(cfg.proprio_dim))
-        self.register_buffer("proprio_std", torch.ones(cfg.proprio_dim))
-        sched = dict(
-            num_train_timesteps=cfg.train_diffusion_steps,
-            beta_schedule="squaredcos_cap_v2",
-            clip_sample=True,
-            prediction_type="epsilon",
-        )
-        self.train_scheduler = DDPMScheduler(**sched)
-        self.infer_scheduler = DDIMScheduler(**sched, set_alpha_to_one=True, steps_offset=0)
-
-    # --- normalisation --------------------------------------------------------------------------------
-    def set_stats(self, action_min, action_max, proprio_mean, proprio_std) -> None:
-        for name, value in zip(
-            ("action_min", "action_max", "proprio_mean", "proprio_std"),
-            (action_min, action_max, proprio_mean, proprio_std),
-        ):
-            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
-
-    def normalize_actions(self, a: torch.Tensor) -> torch.Tensor:
-        """To [-1, 1] per dimension (min-max, as the paper), so every dimension spans the range the
-        DDPM clips its samples to."""
-        span = (self.action_max - self.action_min).clamp(min=1e-6)
-        return (2 * (a - self.action_min) / span - 1).clamp(-1, 1)
-
-    def unnormalize_actions(self, a: torch.Tensor) -> torch.Tensor:
-        span = (self.action_max - self.action_min).clamp(min=1e-6)
-        return (a + 1) / 2 * span + self.action_min
-
-    def normalize_proprio(self, p: torch.Tensor) -> torch.Tensor:
-        return (p - self.proprio_mean) / self.proprio_std.clamp(min=1e-3)
+        self._register_stats(cfg.action_dim, cfg.proprio_dim)
+        self.train_scheduler, self.infer_scheduler = make_schedulers(cfg.train_diffusion_steps)
 
     # --- conditioning ---------------------------------------------------------------------------------
     def encode(self, images: dict[str, torch.Tensor], proprio: torch.Tensor) -> torch.Tensor:
@@ -180,8 +149,7 @@ class DiffusionPolicyModel(nn.Module):
         cond = self.encode(images, proprio)
         shape = (cond.shape[0], self.cfg.chunk, self.cfg.action_dim)
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=cond.device)
-        sched = self.infer_scheduler
-        sched.set_timesteps(self.cfg.inference_steps)
-        for t in sched.timesteps:
-            x = sched.step(self.unet(x, t, cond), t, x).prev_sample
+        x = ddim_sample(
+            self.infer_scheduler, lambda x_t, t: self.unet(x_t, t, cond), x, self.cfg.inference_steps
+        )
         return self.unnormalize_actions(x)

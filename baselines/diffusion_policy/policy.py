@@ -11,7 +11,6 @@ when a model is built, so the runner can validate a checkpoint directory cheaply
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from divla_eval.checkpoint import (
     save_weights,
 )
 from divla_eval.errors import ConfigMismatchError, DivlaEvalError
-from divla_eval.policy import ActionChunk, Observation, PolicyMetadata
+from divla_eval.policy import ActionChunk, Observation, PolicyMetadata, use_torch_thread_share
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 META_FILE = "diffusion_policy_meta.json"
@@ -69,9 +68,7 @@ class DiffusionPolicy:
     def __init__(self, model, checkpoint_id: str | None = None, device: str = "cpu"):
         import torch
 
-        threads = int(os.environ.get("DIVLA_EVAL_TORCH_THREADS", "0"))
-        if threads > 0:  # the runner's share of the cores for this process
-            torch.set_num_threads(threads)
+        use_torch_thread_share()
 
         self.model = model.to(device).eval()
         self.device = device

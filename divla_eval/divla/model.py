@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from divla_eval.divla.config import DiVLAConfig
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
+from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers
 
 PROMPT_SUFFIX = " reasoning:"
 """Ends the prompt, so the decoder knows where its own text begins (works with any tokenizer)."""
@@ -115,7 +115,7 @@ def _clean(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("transformers_version", "architectures", "_name_or_path")}
 
 
-class EmbodimentHead(nn.Module):
+class EmbodimentHead(NormalizationStats, nn.Module):
     """The robot-specific ends of the action head: actions in, actions out, proprioception in, and
     the robot's normalisation statistics (buffers, so they travel inside the weights file)."""
 
@@ -125,29 +125,7 @@ class EmbodimentHead(nn.Module):
         self.inp = nn.Linear(action_dim, latent)
         self.out = nn.Sequential(nn.Linear(latent, latent), nn.Mish(), nn.Linear(latent, action_dim))
         self.proprio = nn.Sequential(nn.Linear(proprio_dim, proprio_latent), nn.Mish())
-        self.register_buffer("action_min", -torch.ones(action_dim))
-        self.register_buffer("action_max", torch.ones(action_dim))
-        self.register_buffer("proprio_mean", torch.zeros(proprio_dim))
-        self.register_buffer("proprio_std", torch.ones(proprio_dim))
-
-    def set_stats(self, action_min, action_max, proprio_mean, proprio_std) -> None:
-        for name, value in zip(
-            ("action_min", "action_max", "proprio_mean", "proprio_std"),
-            (action_min, action_max, proprio_mean, proprio_std),
-        ):
-            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
-
-    def normalize_actions(self, a: torch.Tensor) -> torch.Tensor:
-        """To [-1, 1] per dimension (min-max, as Diffusion Policy); constant dimensions map to 0."""
-        span = (self.action_max - self.action_min).clamp(min=1e-6)
-        return (2 * (a - self.action_min) / span - 1).clamp(-1, 1)
-
-    def unnormalize_actions(self, a: torch.Tensor) -> torch.Tensor:
-        span = (self.action_max - self.action_min).clamp(min=1e-6)
-        return (a + 1) / 2 * span + self.action_min
-
-    def normalize_proprio(self, p: torch.Tensor) -> torch.Tensor:
-        return (p - self.proprio_mean) / self.proprio_std.clamp(min=1e-3)
+        self._register_stats(action_dim, proprio_dim)
 
 
 @dataclass
@@ -194,14 +172,7 @@ class DiVLAModel(nn.Module):
         self.heads = nn.ModuleDict()
         for name, (action_dim, proprio_dim) in cfg.embodiments.items():
             self.heads[name] = EmbodimentHead(action_dim, proprio_dim, cfg.action_latent, cfg.proprio_latent)
-        sched = dict(
-            num_train_timesteps=cfg.train_diffusion_steps,
-            beta_schedule="squaredcos_cap_v2",
-            clip_sample=True,
-            prediction_type="epsilon",
-        )
-        self.train_scheduler = DDPMScheduler(**sched)
-        self.infer_scheduler = DDIMScheduler(**sched, set_alpha_to_one=True, steps_offset=0)
+        self.train_scheduler, self.infer_scheduler = make_schedulers(cfg.train_diffusion_steps)
         self._apply_finetuning()
 
     # --- set-up -----------------------------------------------------------------------------------------
@@ -407,10 +378,11 @@ class DiVLAModel(nn.Module):
             if noise is not None
             else torch.randn((1, self.cfg.chunk, head.action_dim), generator=generator, device=dev)
         )
-        sched = self.infer_scheduler
-        sched.set_timesteps(self.cfg.inference_steps)
-        for t in sched.timesteps:
-            x = sched.step(self._eps(head, x, t, cond, r_emb), t, x).prev_sample
+
+        def eps(x_t, t):
+            return self._eps(head, x_t, t, cond, r_emb)
+
+        x = ddim_sample(self.infer_scheduler, eps, x, self.cfg.inference_steps)
         return DiVLAOutput(
             actions=head.unnormalize_actions(x), reasoning_ids=[ids], reasoning_embedding=r_emb
         )

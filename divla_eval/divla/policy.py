@@ -24,7 +24,7 @@ from divla_eval.checkpoint import (  # shared by every learned policy
     read_config,
     save_weights,
 )
-from divla_eval.policy import ActionChunk, Observation, PolicyMetadata
+from divla_eval.policy import ActionChunk, Observation, PolicyMetadata, use_torch_thread_share
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -34,14 +34,14 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_di
     path = Path(path)
     check_files(path, REQUIRED_FILES, "DiVLA")
     cfg = read_config(path)
-    heads = list(cfg.get("embodiments", {}))
-    if embodiment is not None and embodiment not in heads:
-        raise CheckpointError(
-            f"{path} has action heads for {heads}, not for {embodiment!r}: train (or fine-tune) one for "
-            "this robot first"
-        )
+    heads = cfg.get("embodiments", {})
     if embodiment is not None:
-        check_proprio(path, cfg["embodiments"][embodiment][1], proprio_dim)
+        if embodiment not in heads:
+            raise CheckpointError(
+                f"{path} has action heads for {list(heads)}, not for {embodiment!r}: train (or fine-tune) "
+                "one for this robot first"
+            )
+        check_proprio(path, heads[embodiment][1], proprio_dim)
     return cfg
 
 
@@ -53,13 +53,9 @@ class DiVLAPolicy:
     check_checkpoint = staticmethod(check_checkpoint)  # what the runner's validation calls
 
     def __init__(self, model, checkpoint_id: str | None = None, device: str = "cpu"):
-        import os
-
         import torch
 
-        threads = int(os.environ.get("DIVLA_EVAL_TORCH_THREADS", "0"))
-        if threads > 0:  # the runner's share of the cores for this process
-            torch.set_num_threads(threads)
+        use_torch_thread_share()
 
         self.model = model.to(device).eval()
         self.device = device
