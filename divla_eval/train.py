@@ -116,7 +116,7 @@ class TrainConfig:
     EMA weights; raw weights sample noisier actions). 0 saves the raw weights."""
     threads: int = 2
     """torch threads. On a machine shared with other jobs use 1: with 2, every operation waits for
-    the slower thread, and a step took ~10x longer here while a simulation held the other core."""
+    the slower thread, and steps were many times slower here while a simulation held the other core."""
     options: dict[str, Any] = field(default_factory=dict)
     """Policy config overrides, e.g. {"reasoning_injection": False}."""
 
