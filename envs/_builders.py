@@ -33,7 +33,8 @@ _MESH_FILES = {
 class GraspHint:
     offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
     close_axis: str | None = "y"
-    """Object-frame axis ("x" or "y") the fingers close along; None: the shorter horizontal extent."""
+    """Object-frame axis ("x" or "y") the fingers close along; None: the shorter horizontal extent;
+    "free": any horizontal direction (a round object), chosen so the hand stays clear of neighbours."""
 
 
 def _material(spec: ObjectSpec, sim_name: str) -> CustomMaterial | None:

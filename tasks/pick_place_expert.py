@@ -82,13 +82,29 @@ class PickPlaceExpert:
         pos = np.array(env.sim.data.body_xpos[body]) + rot @ np.asarray(hint.offset)
         corners = env.object_corners(self.obj_index)
         hi = corners.max(axis=0)
+        z = max(pos[2], hi[2] - FINGER_DEPTH, TABLE_TOP_Z + 0.012)
         axis = hint.close_axis
+        if axis == "free":
+            return np.array([pos[0], pos[1], z]), self._clear_yaw(env, pos)
         if axis is None:  # close along the shorter horizontal extent of the object (in its own frame)
             ext = np.ptp((corners - pos) @ rot, axis=0)
             axis = "x" if ext[0] < ext[1] else "y"
         close_dir = rot[:2, 0 if axis == "x" else 1]
-        z = max(pos[2], hi[2] - FINGER_DEPTH, TABLE_TOP_Z + 0.012)
         return np.array([pos[0], pos[1], z]), float(np.arctan2(close_dir[1], close_dir[0]))
+
+    def _clear_yaw(self, env, pos: np.ndarray) -> float:
+        """The closing direction that keeps the hand furthest from the other objects nearby.
+
+        The hand and open fingers span ~10 cm each way along the closing direction; a tall neighbour
+        8 cm away on that line stopped the descent 2.5 cm above a plate six times in a row (bussing
+        mixed episode 1). So maximise the smallest sideways distance of a neighbour from that line."""
+        others = np.delete(env.object_positions(), self.obj_index, axis=0)[:, :2] - pos[:2]
+        others = others[np.linalg.norm(others, axis=1) < 0.15]
+        if len(others) == 0:
+            return 0.0
+        yaws = np.radians(np.arange(0, 180, 15))
+        clearance = [np.min(np.abs(others @ np.array([-np.sin(y), np.cos(y)]))) for y in yaws]
+        return float(yaws[int(np.argmax(clearance))])
 
     def _action(
         self, env, target: np.ndarray, yaw: float | None, grip: float, gain: float = 1.0

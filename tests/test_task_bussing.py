@@ -80,3 +80,38 @@ def test_partial_score_and_wrong_place(env):
         env.advance(env.episode._idle(env.sim))
     assert env.episode.failure_mode(env.sim) == "wrong_place"
     assert BIN_POS[1] < 0 < TRAY_POS[1]  # bin on the right arm's side, tray on the left's
+
+
+def test_object_across_the_line_is_handed_over(env):
+    """A utensil on the right arm's side is set down across the line by the right arm, then the
+    left arm takes it to the tray (lifting it from across the table tipped the left hand over)."""
+    env.reset(options={"episode": _spec(2)})
+    items = env.episode.items
+    target = next(i for i, it in enumerate(items) if it.kind == "utensil")
+    for i, it in enumerate(items):  # everything else is already cleared away
+        if i != target:
+            home = TRAY_POS if it.kind == "utensil" else BIN_POS
+            _put(env, i, (home[0] + 0.06 * (i % 2) - 0.03, home[1] + 0.05 * (i // 2) - 0.05))
+    _put(env, target, (-0.15, -0.07))
+    trace, info = [], {}
+    for _ in range(900):
+        act = env.episode.expert(env.sim)
+        trace.append((env.episode._current.robot, act.reasoning))
+        _, _, info = env.advance(act.action)
+        if info["success"]:
+            break
+    assert trace[0] == (0, f"grasp the {items[target].name} with the right arm")
+    assert (0, "hand it over to the left arm") in trace
+    assert (1, f"grasp the {items[target].name} with the left arm") in trace
+    assert info["success"]
+
+
+def test_round_objects_are_grasped_clear_of_a_neighbour():
+    from divla_eval.tasks.pick_place_expert import PickPlaceExpert
+
+    class Scene:  # the plate at the origin, a tall can 8 cm away along -y
+        def object_positions(self):
+            return np.array([[0.0, 0.0, 0.8], [0.0, -0.08, 0.84], [0.5, 0.5, 0.8]])
+
+    yaw = PickPlaceExpert(obj_index=0, goal_xy=(0, 0), release_z=1.0)._clear_yaw(Scene(), np.zeros(3))
+    assert abs(np.cos(yaw)) == pytest.approx(1.0)  # close along x, the hand spans clear of the can
