@@ -144,7 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a learned policy on `divla-eval collect` demonstrations")
     tr.add_argument("--policy", default="divla", help="trainable policy (default: divla)")
     tr.add_argument("--task", default=None, help="the task the demos must come from (checked when given)")
-    tr.add_argument("--demos", type=Path, required=True, help="demonstrations file (.hdf5)")
+    tr.add_argument(
+        "--demos",
+        type=Path,
+        action="append",
+        required=True,
+        help="demonstrations file (.hdf5); repeat it to train on several together (e.g. one per sub-task)",
+    )
     tr.add_argument("--out", type=Path, required=True, help="checkpoint directory (rerun to resume)")
     tr.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps in total")
     tr.add_argument("--batch-size", type=_positive_int, default=32)
@@ -322,7 +328,8 @@ def _cmd_train(args) -> int:
         options={k: _value(v) for k, v in args.option},
     )
     if args.task is not None:
-        check_demos_task(args.demos, args.task)
+        for path in cfg.demos:
+            check_demos_task(path, args.task)
     try:
         s = train(cfg, progress=not args.no_progress)
     except KeyboardInterrupt:

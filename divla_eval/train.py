@@ -111,7 +111,8 @@ def random_shift(images, generator, pad: int = 4):
 @dataclass
 class TrainConfig:
     policy: str
-    demos: Path
+    demos: Path | tuple[Path, ...]
+    """One demonstrations file, or several trained on together (e.g. one per multitask sub-task)."""
     out: Path
     steps: int = 2000
     batch_size: int = 32
@@ -130,13 +131,23 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)
     """Policy config overrides, e.g. {"reasoning_injection": False}."""
 
+    def __post_init__(self):
+        paths = self.demos if isinstance(self.demos, (list, tuple)) else (self.demos,)
+        self.demos = tuple(Path(p) for p in paths)
+
     def resume_key(self) -> dict:
         """What must match to resume (steps may grow: training further is allowed)."""
         d = dataclasses.asdict(self)
         for name in ("steps", "out", "threads"):  # threads change the speed, not the result's recipe
             d.pop(name)
-        d["demos"] = str(Path(self.demos).resolve())
+        d["demos"] = self.demos_label(resolve=True)
         return json.loads(json.dumps(d, default=str))
+
+    def demos_label(self, resolve: bool = False) -> str | list[str]:
+        """The demos as recorded in keys and metadata: a path, or a list of them for several files
+        (one file keeps the plain path, so runs started before several were allowed still resume)."""
+        paths = [str(p.resolve() if resolve else p) for p in self.demos]
+        return paths[0] if len(paths) == 1 else paths
 
 
 def _recorded_task(demos: Path) -> str:
@@ -172,7 +183,10 @@ def check_demos_task(demos: Path, task: str) -> None:
 
 def _check_inputs(cfg: TrainConfig) -> None:
     RECIPES.check_name(cfg.policy)
-    _recorded_task(cfg.demos)  # exists, is HDF5, was made by `divla-eval collect`
+    for path in cfg.demos:
+        _recorded_task(path)  # exists, is HDF5, was made by `divla-eval collect`
+    if len(set(p.resolve() for p in cfg.demos)) < len(cfg.demos):
+        raise DivlaEvalError("the same demonstrations file is given twice")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise DivlaEvalError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.steps < 1 or cfg.batch_size < 1:
@@ -212,25 +226,37 @@ def _batches(dataset, cfg: TrainConfig, start_step: int):
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume); returns a summary dict (steps, seconds, final losses, paths)."""
     import torch
-    from tqdm.auto import tqdm
 
     from divla_eval.data.dataset import DemoDataset
 
     _check_inputs(cfg)
     recipe: Recipe = RECIPES.get(cfg.policy)
     torch.set_num_threads(cfg.threads)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+
+    ds_kwargs = recipe.dataset_kwargs(cfg.options)
+    splits = {_split(p) for p in cfg.demos}  # each file's `train` mask, when every file has one
+    try:
+        dataset = DemoDataset(list(cfg.demos), demos="train" if splits == {"train"} else None, **ds_kwargs)
+    except ValueError as exc:  # files that cannot be trained on together
+        raise DivlaEvalError(str(exc)) from exc
+    if len(dataset) < cfg.batch_size:
+        raise DivlaEvalError(
+            f"{dataset.path} has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}"
+        )
+    try:
+        return _train_on(dataset, cfg, recipe, progress)
+    finally:
+        dataset.close()  # the files can be written again once training is over
+
+
+def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     state_path = ckpt / "trainer_state.json"
-    out.mkdir(parents=True, exist_ok=True)
-
-    ds_kwargs = recipe.dataset_kwargs(cfg.options)
-    dataset = DemoDataset(cfg.demos, demos=_split(cfg.demos), **ds_kwargs)
-    if len(dataset) < cfg.batch_size:
-        raise DivlaEvalError(
-            f"{cfg.demos} has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}"
-        )
-
     start = 0
     torch.manual_seed(cfg.seed)
     if state_path.is_file():
@@ -362,7 +388,7 @@ def _finish(
     meta = {
         "policy": cfg.policy,
         "steps": step,
-        "demos": str(cfg.demos),
+        "demos": cfg.demos_label(),
         "env_args": dataset.env_args,
         "train_config": cfg.resume_key(),
         "train_seconds_this_session": round(seconds, 1),
@@ -375,7 +401,8 @@ def _finish(
     log_path = out / "train_log.jsonl"
     rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     if rows:
-        plot_losses(rows, out / "losses.png", title=f"{cfg.policy} on {Path(cfg.demos).name}")
+        names = " + ".join(p.name for p in cfg.demos)
+        plot_losses(rows, out / "losses.png", title=f"{cfg.policy} on {names}")
     final = rows[-1] if rows else {}
     return {"out": str(out), "steps": step, "seconds": seconds, "final": final}
 

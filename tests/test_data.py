@@ -262,3 +262,46 @@ def test_failed_episodes_are_counted_named_and_not_retried(tmp_path, capsys):
         assert json.loads(f["data"].attrs["failed_episodes"]) == {"bin_picking/seen/-/none/00000": "no_grasp"}
     summary = collect(CollectConfig(episodes=1, image_size=16, max_steps=5), out, progress=False)
     assert summary.ran == 0 and summary.skipped == 1 and len(summary.failed) == 1
+
+
+def _relabelled_copy(path, dest, **env_kwargs):
+    """A copy of a demos file whose env_args claim other settings (cheaper than collecting them)."""
+    shutil.copy(path, dest)
+    with h5py.File(dest, "r+") as f:
+        env_args = json.loads(f["data"].attrs["env_args"])
+        env_args["env_kwargs"].update(env_kwargs)
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+    return dest
+
+
+def test_dataset_over_several_files(demo_file, tmp_path):
+    """One dataset over several files (one per task or sub-task); demos keep which file they are from."""
+    from divla_eval.data.dataset import DemoDataset, action_stats
+
+    path, summary = demo_file
+    other = _relabelled_copy(path, tmp_path / "multitask.hdf5", task="multitask", split="flip_pot")
+    both = DemoDataset([path, other], chunk=4)
+    assert len(both) == 2 * summary.samples
+    assert both.demos == ["0/demo_0", "0/demo_1", "1/demo_0", "1/demo_1"]
+    first, again = both[0], both[summary.samples]  # demo_0 of each file
+    assert (first["demo"], again["demo"]) == ("0/demo_0", "1/demo_0")
+    np.testing.assert_array_equal(first["images"]["front"].numpy(), again["images"]["front"].numpy())
+    assert len(DemoDataset([path, other], demos=["1/demo_1"])) == len(DemoDataset(path, demos=["demo_1"]))
+    stats = action_stats([path, other])
+    np.testing.assert_allclose(stats["mean"], action_stats(path)["mean"], atol=1e-6)
+    with pytest.raises(KeyError, match="no demos"):
+        DemoDataset([path, other], demos=["2/demo_0"])
+    both.close()
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [({"task": "bussing"}, "share the embodiment"), ({"image_size": 64}, "image_size=64")],
+)
+def test_files_that_cannot_train_together_are_refused(demo_file, tmp_path, change, needle):
+    from divla_eval.data.dataset import DemoDataset
+
+    path, _ = demo_file
+    other = _relabelled_copy(path, tmp_path / "other.hdf5", **change)
+    with pytest.raises(ValueError, match=needle):
+        DemoDataset([path, other])

@@ -137,3 +137,24 @@ def test_demos_from_an_older_format_are_refused(demos, tmp_path, capsys):
     assert main(["train", "--demos", str(old), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "recorded in format 1" in err and "collect it again" in err
+
+
+def test_training_on_several_demo_files(demos, tmp_path, capsys):
+    """`--demos A --demos B` trains one policy on both (a multi-task model); both are recorded."""
+    import shutil
+
+    import h5py
+
+    other = tmp_path / "copy.hdf5"
+    shutil.copy(demos, other)
+    assert _train(demos, tmp_path / "two", 2, "--demos", str(other)) == 0
+    meta = json.loads((tmp_path / "two" / "divla_meta.json").read_text())
+    assert meta["demos"] == [str(demos), str(other)]
+    with h5py.File(other, "r+") as f:  # a bimanual file cannot join single-arm ones
+        env_args = json.loads(f["data"].attrs["env_args"])
+        env_args["env_kwargs"]["task"] = "bussing"
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+    argv = ["train", "--demos", str(demos), "--demos", str(other), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "share the embodiment" in err and len(err.strip().splitlines()) == 1

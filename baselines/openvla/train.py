@@ -36,13 +36,13 @@ def build(dataset, options: dict):
     """A fresh model for the dataset's robot: the tokenizer learnt from its prompts, the action bins
     between the 1st and 99th percentiles of its training actions."""
     from divla_eval.baselines.openvla.model import PROMPT, OpenVLAModel
-    from divla_eval.data.dataset import action_stats
+    from divla_eval.data.dataset import stats_of
     from divla_eval.divla.tokenizer import build_tokenizer
     from divla_eval.tasks import get_task
 
     cfg = config_from_options(options)
     task = get_task(dataset.env_args["env_kwargs"]["task"])
-    stats = action_stats(dataset.path, dataset.demos)  # the demos trained on, not the held-out ones
+    stats = stats_of(dataset.actions.values(), dataset.path)  # the demos trained on, not the held-out ones
     cfg = dataclasses.replace(cfg, embodiment=task.embodiment, action_dim=len(stats["q01"]))
     if cfg.vlm_pretrained:  # a real backbone brings its own vocabulary
         from transformers import AutoTokenizer

@@ -52,12 +52,14 @@ class DemoDataset(Dataset):
         reasoning       str, the expert's phrase at step t
         demo, t         which sample this is
 
-    `demos`: None for every demo, "train"/"valid" for the file's masks, or a list of demo names.
+    `path` may be one file or several (a multi-task dataset from one `collect` file per task or
+    sub-task); they must share the embodiment. With several files a demo is named "<file index>/<demo>".
+    `demos`: None for every demo, "train"/"valid" for each file's masks, or a list of demo names.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | list[str | Path] | tuple[str | Path, ...],
         chunk: int = 16,
         obs_horizon: int = 1,
         cameras: tuple[str, ...] = ("front", "wrist"),
@@ -65,44 +67,88 @@ class DemoDataset(Dataset):
     ):
         if chunk < 1 or obs_horizon < 1:
             raise ValueError(f"chunk and obs_horizon must be >= 1, got {chunk} and {obs_horizon}")
-        self.path = str(path)
+        self.paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+        if not self.paths:
+            raise ValueError("no demonstrations file given")
+        self.path = "+".join(self.paths)  # for messages
         self.chunk = chunk
         self.obs_horizon = obs_horizon
         self.cameras = tuple(cameras)
-        self._file: h5py.File | None = None
+        self._files: dict[int, h5py.File] = {}
         self._pid: int | None = None
-        with h5py.File(self.path, "r") as f:
-            self.env_args = json.loads(f["data"].attrs["env_args"])
-            self.demos = _demo_names(f, demos)
-            self.actions, self.proprio, self.reasoning, self.instructions = {}, {}, {}, {}
-            for name in self.demos:
-                g = f["data"][name]
-                for cam in self.cameras:
-                    if f"obs/{cam}_image" not in g:
-                        raise KeyError(f"{self.path}: {name} has no obs/{cam}_image")
-                self.actions[name] = g["actions"][:].astype(np.float32)
-                self.proprio[name] = g["obs/proprio"][:].astype(np.float32)
-                self.reasoning[name] = list(g["reasoning"].asstr()[:])
-                self.instructions[name] = str(g.attrs["instruction"])
+        self.demos: list[str] = []
+        self._where: dict[str, tuple[int, str]] = {}  # demo -> (file index, name in that file)
+        self.actions, self.proprio, self.reasoning, self.instructions = {}, {}, {}, {}
+        for k, file_path in enumerate(self.paths):
+            with h5py.File(file_path, "r") as f:
+                env_args = json.loads(f["data"].attrs["env_args"])
+                if k == 0:
+                    self.env_args = env_args
+                else:
+                    self._check_compatible(file_path, env_args)
+                names = _demo_names(f, demos if isinstance(demos, str) or demos is None else None)
+                if isinstance(demos, list):
+                    names = [n for n in names if self._key(k, n) in demos]
+                for name in names:
+                    g = f["data"][name]
+                    for cam in self.cameras:
+                        if f"obs/{cam}_image" not in g:
+                            raise KeyError(f"{file_path}: {name} has no obs/{cam}_image")
+                    key = self._key(k, name)
+                    self.demos.append(key)
+                    self._where[key] = (k, name)
+                    self.actions[key] = g["actions"][:].astype(np.float32)
+                    self.proprio[key] = g["obs/proprio"][:].astype(np.float32)
+                    self.reasoning[key] = list(g["reasoning"].asstr()[:])
+                    self.instructions[key] = str(g.attrs["instruction"])
+        if isinstance(demos, list):
+            missing = sorted(set(demos) - set(self.demos))
+            if missing:
+                raise KeyError(f"{self.path} has no demos {missing}")
         lengths = [len(self.actions[n]) for n in self.demos]
         self.index = np.array(
             [(d, t) for d, n in enumerate(lengths) for t in range(n)], dtype=np.int64
         ).reshape(-1, 2)
+
+    def _key(self, file_index: int, name: str) -> str:
+        return name if len(self.paths) == 1 else f"{file_index}/{name}"
+
+    def _check_compatible(self, path: str, env_args: dict) -> None:
+        """Files trained on together must drive the same robot with the same observations (the tasks
+        may differ: bin picking and the multitask sub-tasks share the single-arm Panda)."""
+        from divla_eval.tasks import get_task
+
+        first, other = self.env_args["env_kwargs"], env_args["env_kwargs"]
+        embodiments = [get_task(a["task"]).embodiment for a in (first, other)]
+        if embodiments[0] != embodiments[1]:
+            raise ValueError(
+                f"{path} is {other['task']} on {embodiments[1]}, {self.paths[0]} is {first['task']} on "
+                f"{embodiments[0]}: demonstrations trained on together must share the embodiment"
+            )
+        for key in ("image_size", "cameras"):
+            if first.get(key) != other.get(key):
+                raise ValueError(
+                    f"{path} has {key}={other.get(key)!r} but {self.paths[0]} has {first.get(key)!r}; "
+                    "demonstrations trained on together must agree"
+                )
+        if self.env_args.get("format_version") != env_args.get("format_version"):
+            raise ValueError(f"{path} and {self.paths[0]} were recorded in different formats")
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_file"] = None  # an open HDF5 handle must not travel to another process
+        state["_files"] = {}  # an open HDF5 handle must not travel to another process
         state["_pid"] = None
         return state
 
-    def _h5(self) -> h5py.File:
-        if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file
+    def _h5(self, k: int) -> h5py.File:
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        if k not in self._files:
+            self._files[k] = h5py.File(self.paths[k], "r")
+        return self._files[k]
 
     def __getitem__(self, i: int) -> dict:
         d, t = (int(v) for v in self.index[i])
@@ -117,7 +163,8 @@ class DemoDataset(Dataset):
         act_steps = np.clip(act_steps, 0, n - 1)
         images = {}
         if self.cameras:
-            g = self._h5()["data"][name]["obs"]
+            k, stored = self._where[name]
+            g = self._h5(k)["data"][stored]["obs"]
             lo, hi = int(obs_steps[0]), int(obs_steps[-1]) + 1
             for cam in self.cameras:
                 frames = g[f"{cam}_image"][lo:hi]  # contiguous: one read, then repeat the padded ones
@@ -136,9 +183,9 @@ class DemoDataset(Dataset):
         }
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in self._files.values():
+            f.close()
+        self._files = {}
 
 
 def collate(items: list[dict]):
@@ -153,17 +200,24 @@ def collate(items: list[dict]):
     return list(items)
 
 
-def action_stats(path: str | Path, demos: str | list[str] | None = None) -> dict[str, np.ndarray]:
-    """Per-dimension statistics of the actions of a file: min, max, mean, std, q01, q99 (float32 [7]).
+def action_stats(
+    path: str | Path | list | tuple, demos: str | list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Per-dimension statistics of the actions of a file (or files): min, max, mean, std, q01, q99
+    (float32 [action dim]).
 
     The 1st/99th percentiles are what OpenVLA-style 256-bin action tokenisation clips to, so a few
     outlier actions do not waste bins; min/max and mean/std serve the other normalisations.
     """
-    with h5py.File(path, "r") as f:
-        names = _demo_names(f, demos)
-        if not names:
-            raise ValueError(f"{path}: no demos to compute action statistics from")
-        acts = np.concatenate([f["data"][n]["actions"][:] for n in names]).astype(np.float64)
+    return stats_of(DemoDataset(path, cameras=(), demos=demos).actions.values(), path)
+
+
+def stats_of(actions, source="the demos") -> dict[str, np.ndarray]:
+    """The statistics of `action_stats` over arrays of actions ([steps, action dim] each)."""
+    actions = list(actions)
+    if not actions:
+        raise ValueError(f"{source}: no demos to compute action statistics from")
+    acts = np.concatenate(actions).astype(np.float64)
     return {
         "min": acts.min(axis=0).astype(np.float32),
         "max": acts.max(axis=0).astype(np.float32),
