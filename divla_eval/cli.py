@@ -196,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="inference option (as for `run`), given to every policy in --policies that accepts it",
     )
+    be.add_argument(
+        "--model-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config for untrained models timed instead of checkpoints, e.g. text_hidden=512; every "
+        "policy in --policies must take it (DiVLA and OpenVLA at a larger equal backbone)",
+    )
     be.add_argument("--calls", type=_positive_int, default=50, help="timed calls per policy and variant")
     be.add_argument("--warmup", type=int, default=5, help="untimed calls before them")
     be.add_argument("--threads", type=_positive_int, default=1, help="torch threads (set explicitly)")
@@ -435,6 +444,12 @@ def _cmd_bench(args) -> int:
         write_profile,
     )
 
+    model_options = {k: _value(v) for k, v in args.model_option}
+    if model_options and checkpoints:
+        raise DivlaEvalError("--model-option builds untrained models of that size; it excludes --checkpoint")
+    for name in names if model_options else ():
+        if not getattr(POLICIES.get(name), "requires_checkpoint", False):
+            raise DivlaEvalError(f"policy {name!r} has no model to size; --model-option does not apply")
     for name in names:  # checkpoint directories too, before the first model is built
         check_policy(name, args.task, checkpoints.get(name), options[name])
 
@@ -445,8 +460,9 @@ def _cmd_bench(args) -> int:
         # every policy is built before the scene's renderer exists: building an untrained model
         # collects a demo, with its own renderer (one renderer per process)
         for name in tqdm(names, desc="build", disable=not progress):
+            ckpt = checkpoints.get(name)
             policy, label = build_policy(
-                name, args.task, checkpoints.get(name), args.image_size, Path(work), options[name]
+                name, args.task, ckpt, args.image_size, Path(work), options[name], model_options
             )
             built.append((name, policy, label))
     scene = SceneObservations(args.task)

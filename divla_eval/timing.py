@@ -388,16 +388,24 @@ def build_policy(
     image_size: int = 84,
     workdir: Path | None = None,
     options: dict | None = None,
+    model_options: dict | None = None,
 ):
     """(policy, checkpoint label). The checkpoint given, else the one the repository ships, else the
     policy's untrained default config built by its training recipe from one fresh expert demo.
-    `options`: its inference options (`INFERENCE_OPTIONS`), as `divla-eval run --policy-option`."""
+    `options`: its inference options (`INFERENCE_OPTIONS`), as `divla-eval run --policy-option`.
+    `model_options`: a model config (sizes) to build untrained instead, e.g. to time DiVLA and OpenVLA
+    at a larger equal backbone than the shipped checkpoint's; every value is a training `--option`."""
     from divla_eval.envs.gym_env import ACTION_DIM
     from divla_eval.policy import POLICIES, make_policy
     from divla_eval.tasks import get_task
 
     checkpoint = check_policy(name, task, checkpoint, options)
     action_dim = ACTION_DIM * len(get_task(task).robots)
+    if model_options:
+        if not getattr(POLICIES.get(name), "requires_checkpoint", False):
+            raise DivlaEvalError(f"policy {name!r} has no model to size; --model-option does not apply")
+        sizes = " ".join(f"{k}={v}" for k, v in model_options.items())
+        return _untrained(name, task, image_size, workdir, options, model_options), f"{UNTRAINED}, {sizes}"
     if checkpoint is not None:
         return make_policy(name, checkpoint, action_dim=action_dim, options=options), _shown_path(checkpoint)
     if not getattr(POLICIES.get(name), "requires_checkpoint", False):
@@ -413,7 +421,14 @@ def _shown_path(path: str | Path) -> str:
         return str(path)
 
 
-def _untrained(name: str, task: str, image_size: int, workdir: Path | None, options: dict | None = None):
+def _untrained(
+    name: str,
+    task: str,
+    image_size: int,
+    workdir: Path | None,
+    options: dict | None = None,
+    model_options: dict | None = None,
+):
     from divla_eval.data.dataset import DemoDataset
     from divla_eval.policy import POLICIES, parse_policy_options
     from divla_eval.train import RECIPES
@@ -426,8 +441,8 @@ def _untrained(name: str, task: str, image_size: int, workdir: Path | None, opti
     recipe = RECIPES.get(name)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="divla-bench-"))
     demos = _one_demo(task, image_size, workdir)
-    dataset = DemoDataset(demos, **recipe.dataset_kwargs({}))
-    model = recipe.build(dataset, {})
+    dataset = DemoDataset(demos, **recipe.dataset_kwargs(dict(model_options or {})))
+    model = recipe.build(dataset, dict(model_options or {}))
     out = workdir / f"{name}-untrained"
     recipe.save(model, out, meta={"note": f"{UNTRAINED}, for timing only"})
     # the same loading path as a trained checkpoint

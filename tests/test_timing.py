@@ -115,6 +115,11 @@ def test_table_has_one_row_per_timing():
         (["bench", "--policies", "divla", "--checkpoint", "random=x"], "'random' is not in --policies"),
         (["bench", "--policies", "divla", "--calls", "0"], "positive integer"),
         (["bench", "--policies", "divla", "--checkpoint", "divla=/no/such/dir"], "does not exist"),
+        (
+            ["bench", "--policies", "divla", "--checkpoint", "divla=x", "--model-option", "text_hidden=64"],
+            "excludes --checkpoint",
+        ),
+        (["bench", "--policies", "random", "--model-option", "text_hidden=64"], "no model to size"),
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(argv, needle, capsys):
@@ -140,6 +145,19 @@ def test_bench_writes_csv_and_markdown_for_a_policy_without_weights(tmp_path, ca
     df = pd.read_csv(out / "speed.csv")
     assert list(df.policy) == ["random"] and df.calls[0] == 3 and df.actions_per_call[0] == 1
     assert "actions/s" in capsys.readouterr().out
+
+
+def test_model_options_build_untrained_models_of_that_size(tmp_path):
+    """`bench --model-option` times DiVLA and OpenVLA at a backbone size of the user's choosing."""
+    pytest.importorskip("torch")
+    from divla_eval.timing import backbone_parameter_count, build_policy
+
+    sizes = {"text_hidden": 48, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1, "vision_layers": 1}
+    small, label = build_policy("openvla", workdir=tmp_path, model_options=sizes)
+    assert "untrained" in label and "text_hidden=48" in label
+    assert small.model.cfg.text_hidden == 48 and small.model.cfg.text_layers == 1
+    bigger, _ = build_policy("openvla", workdir=tmp_path, model_options={**sizes, "text_layers": 2})
+    assert backbone_parameter_count(bigger) > backbone_parameter_count(small)
 
 
 # --- DiVLA: reasoning reuse ----------------------------------------------------------------------------
