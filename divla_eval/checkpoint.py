@@ -53,6 +53,26 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{path / 'config.json'} is damaged: {exc}") from exc
 
 
+# A config.json key that only one policy's config has: how a checkpoint given to the wrong --policy is
+# recognised, so the error can name the right one instead of a confusing config mismatch.
+SIGNATURE_KEYS = {
+    "divla": "embodiments",
+    "diffusion_policy": "encoder_channels",
+    "openvla": "n_bins",
+    "octo": "text_encoder",
+}
+LABELS = {"divla": "DiVLA", "diffusion_policy": "Diffusion Policy", "openvla": "OpenVLA", "octo": "Octo"}
+
+
+def check_policy_of(path: Path, config: dict, policy: str) -> None:
+    """Refuse a checkpoint whose config belongs to another registered policy, naming that policy."""
+    for other, key in SIGNATURE_KEYS.items():
+        if other != policy and key in config:
+            raise CheckpointError(
+                f"{path} is a {LABELS[other]} checkpoint: evaluate it with --policy {other}"
+            )
+
+
 def save_weights(model, path: Path, half: bool = False) -> None:
     """Write model.safetensors under a temporary name, then rename it, so that a crash during
     resumable training never leaves a torn weights file."""

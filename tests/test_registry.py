@@ -79,3 +79,22 @@ def test_unknown_name_without_close_match() -> None:
     assert info.value.closest is None
     assert "did you mean" not in str(info.value)
     assert "valid: random" in str(info.value)
+
+
+_LEARNED = ("divla", "diffusion_policy", "openvla", "octo")
+
+
+@pytest.mark.parametrize(("given", "actual"), [(g, a) for g in _LEARNED for a in _LEARNED if g != a])
+def test_a_checkpoint_given_to_the_wrong_policy_names_the_right_one(tmp_path, given, actual):
+    """Each policy's checker recognises the other three policies' configs (by a key only they have)."""
+    import importlib
+
+    from divla_eval.checkpoint import LABELS, SIGNATURE_KEYS, CheckpointError
+
+    for name in ("model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "config.json").write_text(json.dumps({SIGNATURE_KEYS[actual]: 1}))
+    module = "divla_eval.divla.policy" if given == "divla" else f"divla_eval.baselines.{given}.policy"
+    expected = f"is a {LABELS[actual]} checkpoint: evaluate it with --policy {actual}"
+    with pytest.raises(CheckpointError, match=expected):
+        importlib.import_module(module).check_checkpoint(tmp_path)

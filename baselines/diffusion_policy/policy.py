@@ -20,6 +20,7 @@ from divla_eval.checkpoint import (
     CheckpointError,
     check_files,
     check_inference_options,
+    check_policy_of,
     check_proprio,
     checkpoint_hash,
     load_weights,
@@ -45,8 +46,7 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_di
     path = Path(path)
     check_files(path, REQUIRED_FILES, LABEL)
     d = read_config(path)
-    if "text_config" in d or "embodiments" in d:
-        raise CheckpointError(f"{path} is a DiVLA checkpoint: evaluate it with --policy divla")
+    check_policy_of(path, d, "diffusion_policy")
     try:
         cfg = DiffusionPolicyConfig.from_dict(d)
     except (ConfigMismatchError, TypeError, ValueError) as exc:

@@ -20,6 +20,7 @@ from divla_eval.baselines.openvla.config import LABEL, OpenVLAConfig
 from divla_eval.checkpoint import (
     CheckpointError,
     check_files,
+    check_policy_of,
     checkpoint_hash,
     load_weights,
     read_config,
@@ -39,12 +40,7 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_di
     path = Path(path)
     check_files(path, REQUIRED_FILES, LABEL)
     d = read_config(path)
-    if "embodiments" in d:
-        raise CheckpointError(f"{path} is a DiVLA checkpoint: evaluate it with --policy divla")
-    if "encoder_channels" in d:
-        raise CheckpointError(
-            f"{path} is a Diffusion Policy checkpoint: evaluate it with --policy diffusion_policy"
-        )
+    check_policy_of(path, d, "openvla")
     try:
         cfg = OpenVLAConfig.from_dict(d)
     except (ConfigMismatchError, TypeError, ValueError) as exc:

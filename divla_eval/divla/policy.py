@@ -19,6 +19,7 @@ from divla_eval.checkpoint import (  # shared by every learned policy
     CheckpointError,
     check_files,
     check_inference_options,
+    check_policy_of,
     check_proprio,
     checkpoint_hash,
     load_weights,
@@ -35,6 +36,7 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_di
     path = Path(path)
     check_files(path, REQUIRED_FILES, "DiVLA")
     cfg = read_config(path)
+    check_policy_of(path, cfg, "divla")
     heads = cfg.get("embodiments", {})
     if embodiment is not None:
         if embodiment not in heads:
