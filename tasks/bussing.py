@@ -359,9 +359,10 @@ class Bussing(Task):
     """Bimanual table bussing; see the module docstring."""
 
     name: str = "bussing"
-    version: str = "4"  # 2: a primitive can, forks and spoons grasped at their centre of mass;
+    version: str = "5"  # 2: a primitive can, forks and spoons grasped at their centre of mass;
     # 3: a narrower start strip, forks and spoons grasped on the handle again, a steady lift;
-    # 4: objects across the centre line are handed over; plates and cans grasped clear of neighbours
+    # 4: objects across the centre line are handed over; plates and cans grasped clear of neighbours;
+    # 5: ... with the least wrist turn
     splits: tuple[str, ...] = ("seen", "mixed")
     max_steps: int = 2000  # ~250 steps per object (a gentle carry), 5 at most, and room for re-grasps
     robots: tuple[str, ...] = ("Panda", "Panda")

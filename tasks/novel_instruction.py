@@ -178,7 +178,8 @@ class NovelInstruction(Task):
     """Ordered multi-step instructions; see the module docstring."""
 
     name: str = "novel_instruction"
-    version: str = "2"  # 2: round objects grasped along the line clearest of the others
+    version: str = "3"  # 2: round objects grasped along the line clearest of the others; 3: with the
+    # least wrist turn among the clear ones
     splits: tuple[str, ...] = ("novel", "train")
     max_steps: int = 420
     options: dict = field(default_factory=dict)

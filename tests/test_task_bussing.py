@@ -106,12 +106,21 @@ def test_object_across_the_line_is_handed_over(env):
     assert info["success"]
 
 
-def test_round_objects_are_grasped_clear_of_a_neighbour():
+def test_round_objects_are_grasped_clear_of_a_neighbour_with_the_least_wrist_turn():
     from divla_eval.tasks.pick_place_expert import PickPlaceExpert
 
-    class Scene:  # the plate at the origin, a tall can 8 cm away along -y
-        def object_positions(self):
-            return np.array([[0.0, 0.0, 0.8], [0.0, -0.08, 0.84], [0.5, 0.5, 0.8]])
+    class Scene:  # the plate at the origin, a tall can 8 cm away along -y; the fingers along y
+        positions = [[0.0, 0.0, 0.8], [0.0, -0.08, 0.84], [0.5, 0.5, 0.8]]
 
-    yaw = PickPlaceExpert(obj_index=0, goal_xy=(0, 0), release_z=1.0)._clear_yaw(Scene(), np.zeros(3))
-    assert abs(np.cos(yaw)) == pytest.approx(1.0)  # close along x, the hand spans clear of the can
+        def object_positions(self):
+            return np.array(self.positions)
+
+        def finger_axis(self, robot):
+            return np.array([0.0, 1.0, 0.0])
+
+    expert = PickPlaceExpert(obj_index=0, goal_xy=(0, 0), release_z=1.0)
+    yaw = expert._clear_yaw(Scene(), np.zeros(3))
+    # the smallest turn from y (in 15-degree steps) that puts the can 6 cm off the closing line: 60
+    assert 0.08 * abs(np.cos(yaw)) >= 0.06 and abs(np.degrees(yaw) - 90) == pytest.approx(60)
+    Scene.positions = [[0.0, 0.0, 0.8], [0.5, 0.5, 0.8]]  # nothing near: no turn at all
+    assert expert._clear_yaw(Scene(), np.zeros(3)) == pytest.approx(np.pi / 2)
