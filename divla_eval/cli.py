@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model config for untrained models timed instead of checkpoints, e.g. text_hidden=512; every "
-        "policy in --policies must take it (DiVLA and OpenVLA at a larger equal backbone)",
+        help="model config for untrained models timed instead of checkpoints, e.g. text_hidden=512, given "
+        "to every policy in --policies that takes it (DiVLA and OpenVLA at a larger equal backbone)",
     )
     be.add_argument("--calls", type=_positive_int, default=50, help="timed calls per policy and variant")
     be.add_argument("--warmup", type=int, default=5, help="untimed calls before them")
@@ -444,12 +444,22 @@ def _cmd_bench(args) -> int:
         write_profile,
     )
 
-    model_options = {k: _value(v) for k, v in args.model_option}
-    if model_options and checkpoints:
+    model_raw = {k: _value(v) for k, v in args.model_option}
+    if model_raw and checkpoints:
         raise DivlaEvalError("--model-option builds untrained models of that size; it excludes --checkpoint")
-    for name in names if model_options else ():
-        if not getattr(POLICIES.get(name), "requires_checkpoint", False):
-            raise DivlaEvalError(f"policy {name!r} has no model to size; --model-option does not apply")
+    model_options = {name: {} for name in names}
+    if model_raw:
+        from divla_eval.train import RECIPES
+
+        takes = {n: RECIPES.get(n).option_names() if n in RECIPES else set() for n in names}
+        for key in model_raw:
+            if not any(key in t for t in takes.values()):
+                valid = sorted(set().union(*takes.values()))
+                raise DivlaEvalError(
+                    f"--model-option {key}: no policy in --policies {args.policies} takes it; "
+                    f"valid: {', '.join(valid) if valid else 'none (no policy here has a model to size)'}"
+                )
+        model_options = {n: {k: v for k, v in model_raw.items() if k in takes[n]} for n in names}
     for name in names:  # checkpoint directories too, before the first model is built
         check_policy(name, args.task, checkpoints.get(name), options[name])
 
@@ -462,7 +472,7 @@ def _cmd_bench(args) -> int:
         for name in tqdm(names, desc="build", disable=not progress):
             ckpt = checkpoints.get(name)
             policy, label = build_policy(
-                name, args.task, ckpt, args.image_size, Path(work), options[name], model_options
+                name, args.task, ckpt, args.image_size, Path(work), options[name], model_options[name]
             )
             built.append((name, policy, label))
     scene = SceneObservations(args.task)

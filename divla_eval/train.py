@@ -42,6 +42,11 @@ class Recipe:
     """load(path) -> model, to resume."""
     dataset_kwargs: Callable[..., dict]
     """dataset_kwargs(options) -> DemoDataset arguments (chunk, obs_horizon, cameras)."""
+    config: type | None = None
+    """The model's config dataclass: its fields are the `--option` names the policy takes."""
+
+    def option_names(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self.config)} if self.config else set()
 
 
 RECIPES: Registry = Registry("trainable policy")

@@ -119,7 +119,8 @@ def test_table_has_one_row_per_timing():
             ["bench", "--policies", "divla", "--checkpoint", "divla=x", "--model-option", "text_hidden=64"],
             "excludes --checkpoint",
         ),
-        (["bench", "--policies", "random", "--model-option", "text_hidden=64"], "no model to size"),
+        (["bench", "--policies", "random", "--model-option", "text_hidden=64"], "no policy here has a model"),
+        (["bench", "--policies", "openvla", "--model-option", "alpha=1"], "valid: action_dim, cameras"),
     ],
 )
 def test_bench_bad_input_is_one_line_exit_2(argv, needle, capsys):

@@ -75,4 +75,6 @@ def load(path):
     return OpenVLAPolicy.from_pretrained(path).model
 
 
-RECIPE = Recipe(build=build, loss=loss, save=save, load=load, dataset_kwargs=dataset_kwargs)
+RECIPE = Recipe(
+    build=build, loss=loss, save=save, load=load, dataset_kwargs=dataset_kwargs, config=OpenVLAConfig
+)

@@ -78,4 +78,6 @@ def load(path):
     return DiVLAPolicy.from_pretrained(path).model
 
 
-RECIPE = Recipe(build=build, loss=loss, save=save, load=load, dataset_kwargs=dataset_kwargs)
+RECIPE = Recipe(
+    build=build, loss=loss, save=save, load=load, dataset_kwargs=dataset_kwargs, config=DiVLAConfig
+)
