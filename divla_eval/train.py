@@ -292,7 +292,8 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool) -> dict
         return _finish(cfg, recipe, model, ema, start, 0.0, dataset)
 
     log_path = out / "train_log.jsonl"
-    _truncate_log(log_path, start)
+    # `seconds` is training time since step 0, summed over sessions (a resumed run continues the count)
+    offset = _truncate_log(log_path, start)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
     batches = _batches(dataset, cfg, start)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {cfg.policy}", unit="step")
@@ -311,7 +312,8 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool) -> dict
                     _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     row = {k: round(float(v.detach()), 6) for k, v in losses.items()}
-                    row.update(step=step, lr=_lr_at(cfg, step), seconds=round(time.perf_counter() - t0, 2))
+                    seconds = round(offset + time.perf_counter() - t0, 2)
+                    row.update(step=step, lr=_lr_at(cfg, step), seconds=seconds)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if is_loss(k)})
@@ -362,13 +364,15 @@ def _split(path) -> str | None:
         return "train" if "mask/train" in f and len(f["mask/train"]) else None
 
 
-def _truncate_log(path: Path, start: int) -> None:
-    """Drop log rows past the resumed step (they came from work lost with the interruption)."""
+def _truncate_log(path: Path, start: int) -> float:
+    """Drop log rows past the resumed step (they came from work lost with the interruption); returns
+    the training seconds of the last row kept, where the resumed run's clock continues."""
     if not path.is_file():
-        return
+        return 0.0
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [r for r in rows if json.loads(r)["step"] < start]
     path.write_text("".join(r + "\n" for r in kept))
+    return float(json.loads(kept[-1]).get("seconds", 0.0)) if kept else 0.0
 
 
 def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, ema, opt, step: int) -> None:

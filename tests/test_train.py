@@ -62,6 +62,7 @@ def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys, monkey
     assert _train(demos, out, 9, "--threads", "1") == 0
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 5, 8]  # logged every 10 and at the last step of each session
+    assert rows[2]["seconds"] > rows[1]["seconds"]  # training time counts on across the resume
     assert json.loads((out / "divla_meta.json").read_text())["steps"] == 9
     assert all(r["loss"] > 0 for r in rows)
 
