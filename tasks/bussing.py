@@ -40,6 +40,11 @@ HOME = {RIGHT_ARM: (-0.15, -0.2, 1.0), LEFT_ARM: (-0.15, 0.2, 1.0)}
 FAILURE_MODES = ("wrong_place", "left_on_table", "dropped", "timeout")
 SLOTS = ((-0.045, -0.05), (0.045, 0.05), (0.045, -0.05), (-0.045, 0.05), (0.0, 0.0))
 MAX_ATTEMPTS = 2  # per object: a second try after a slip, then the expert moves on
+# How both arms carry every object, to its receptacle or to a hand-over point (PickPlaceExpert
+# options): forks and cups are held off their centre and the tray is small (centre the object, not the
+# hand); a cup swung at full speed slipped out of the fingers (seen episode 44); a slip is re-grasped;
+# the lift is steady (see PickPlaceExpert.steady).
+GENTLE = dict(carry_gain=1.0, centre_object=True, carry_max=0.5, regrasp_on_slip=True, steady=True)
 # An object lying this far across the centre line, on the other arm's side, is first handed over: the
 # arm on its side sets it down at a free point just across the line (task version 4). Lifting it
 # straight from across the table, close to its own base, tilted the serving arm's hand by up to 88
@@ -293,14 +298,8 @@ class BussingEpisode(TaskEpisode):
                 # letting go: a straight fast carry across the table stalled outstretched arms and
                 # flung light cups off the tray.
                 via_xy=HOME[arm][:2],
-                carry_gain=1.0,
                 settle_steps=10,
-                # forks and cups are held off their centre and the tray is small; a cup swung at
-                # full speed slipped out of the fingers (traced on bussing seen episode 44)
-                centre_object=True,
-                carry_max=0.5,
-                regrasp_on_slip=True,
-                steady=True,
+                **GENTLE,
             )
         return self._step(env)
 
@@ -320,12 +319,8 @@ class BussingEpisode(TaskEpisode):
             goal_xy=(float(goal[0]), float(goal[1])),
             release_z=TABLE_TOP_Z + 0.06,
             robot=arm,
-            carry_gain=1.0,
             settle_steps=5,
-            centre_object=True,
-            carry_max=0.5,
-            regrasp_on_slip=True,
-            steady=True,
+            **GENTLE,
         )
 
     def _step(self, env) -> ExpertAction:
