@@ -35,6 +35,9 @@ class GraspHint:
     close_axis: str | None = "y"
     """Object-frame axis ("x" or "y") the fingers close along; None: the shorter horizontal extent;
     "free": any horizontal direction (a round object), chosen so the hand stays clear of neighbours."""
+    fallback_axis: str | None = None
+    """The other axis ("x" or "y") to close along when a neighbour stands on `close_axis`'s line and
+    not on this one: for objects narrower than the open fingers both ways."""
 
 
 def _material(spec: ObjectSpec, sim_name: str) -> CustomMaterial | None:

@@ -51,9 +51,10 @@ GENTLE = dict(carry_gain=1.0, centre_object=True, carry_max=0.5, regrasp_on_slip
 # degrees and the object fell beside the tray (bussing mixed episodes 4, 13, 16, 19; every failure of
 # version 3's mixed cell but one).
 HANDOVER_ACROSS = 0.02
-# Hand-over points on the serving arm's side (x, |y|), nearest to the middle first: out where both
-# arms reach comfortably, away from the bases.
-HANDOVER_POINTS = ((0.0, 0.04), (-0.06, 0.04), (0.0, 0.08), (-0.06, 0.08), (-0.12, 0.04))
+# Hand-over points on the serving arm's side (x, |y|), in order of preference: nearest to the middle
+# first, out where both arms reach comfortably, away from the bases. Points at x = 0 (task version 5)
+# left the serving arm reaching with its elbow straight, and it stalled 17 cm short (seen episode 4).
+HANDOVER_POINTS = tuple((x, y) for y in (0.05, 0.09, 0.13) for x in (-0.08, -0.03, -0.13, -0.18))
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ def build_item(item: Item, sim_name: str):
         )
     elif item.shape == "wrapper":
         obj = BoxObject(name=sim_name, size=(0.03 * s, 0.018, 0.012), rgba=item.rgba, density=200)
+        # 6 cm long, so it fits the open fingers (8 cm) lengthwise too: a soda can 7 cm away on the
+        # short axis' line stopped the descent four times in a row (seen episode 45)
+        hint = GraspHint(close_axis="y", fallback_axis="x")
     else:
         raise ValueError(item.shape)
     obj.grasp_hint = hint
@@ -242,6 +246,7 @@ class BussingEpisode(TaskEpisode):
         self._drops = {True: 0, False: 0}  # drops made so far on the tray (True) and in the bin
         self._attempts: dict[int, int] = {}
         self._handed_over: set[int] = set()
+        self._home_yaw: dict[int, float] | None = None
 
     def _resting(self, env, i: int) -> bool:
         return np.linalg.norm(env.object_velocity(i)) < 0.05 and not env.grasping(i)
@@ -269,6 +274,8 @@ class BussingEpisode(TaskEpisode):
         from divla_eval.tasks.pick_place_expert import PickPlaceExpert
 
         positions = env.object_positions()
+        if self._home_yaw is None:
+            self._home_yaw = {arm: _yaw(env.finger_axis(arm)) for arm in HOME}
         if self._queue is None:  # nearest to the centre line first: both arms reach it comfortably
             self._queue = sorted(range(len(self.items)), key=lambda i: abs(positions[i][1]))
         if self._current is None or self._current.done:
@@ -308,16 +315,24 @@ class BussingEpisode(TaskEpisode):
         on the serving arm's side; the serving arm then picks it up from there as usual."""
         from divla_eval.tasks.pick_place_expert import PickPlaceExpert
 
-        others = np.delete(env.object_positions(), i, axis=0)[:, :2]
+        # Footprints as discs (centre, radius): a fork set down by its centre 4 cm from a cup lay
+        # across the cup's rim, fell on its side and could not be grasped again (seen episode 4).
+        def disc(j):
+            xy = env.object_positions()[j][:2]
+            return xy, float(np.max(np.linalg.norm(env.object_corners(j)[:, :2] - xy, axis=1)))
+
+        radius = disc(i)[1]
+        others = [disc(j) for j in range(len(self.items)) if j != i]
         points = [np.array([x, side * y]) for x, y in HANDOVER_POINTS]
-        clear = [float(np.min(np.linalg.norm(others - p, axis=1), initial=1.0)) for p in points]
-        free = [p for p, c in zip(points, clear) if c > 0.07]
-        goal = free[0] if free else points[int(np.argmax(clear))]
+        gaps = [min((np.linalg.norm(p - c) - r for c, r in others), default=1.0) - radius for p in points]
+        free = [p for p, gap in zip(points, gaps) if gap > 0.01]
+        goal = free[0] if free else points[int(np.argmax(gaps))]
         arm = RIGHT_ARM if side > 0 else LEFT_ARM
         return PickPlaceExpert(
             obj_index=i,
             goal_xy=(float(goal[0]), float(goal[1])),
             release_z=TABLE_TOP_Z + 0.06,
+            set_down=0.01,
             robot=arm,
             settle_steps=5,
             **GENTLE,
@@ -341,12 +356,23 @@ class BussingEpisode(TaskEpisode):
         return ExpertAction(action=action, reasoning=reasoning)
 
     def _idle(self, env) -> np.ndarray:
-        """Hold each arm at its home pose, gripper open (the active arm's part is overwritten)."""
+        """Hold each arm at its home pose, gripper open, fingers turned back to their start yaw (the
+        active arm's part is overwritten). Left alone, an idle wrist drifted and the arm began its
+        next reach twisted (task version 5)."""
+        from divla_eval.tasks.pick_place_expert import ROT_SCALE, _wrap
+
         action = np.zeros(14)
         for arm, home in HOME.items():
             action[7 * arm : 7 * arm + 3] = np.clip((np.array(home) - env.eef_pos_of(arm)) / 0.05, -1, 1)
             action[7 * arm + 6] = -1.0
+            if self._home_yaw is not None:  # the fingers are symmetric: a half turn is no turn
+                err = _wrap(2 * (self._home_yaw[arm] - _yaw(env.finger_axis(arm)))) / 2
+                action[7 * arm + 5] = np.clip(err / ROT_SCALE, -0.3, 0.3)
         return action
+
+
+def _yaw(axis: np.ndarray) -> float:
+    return float(np.arctan2(axis[1], axis[0]))
 
 
 @dataclass(frozen=True)
@@ -354,10 +380,13 @@ class Bussing(Task):
     """Bimanual table bussing; see the module docstring."""
 
     name: str = "bussing"
-    version: str = "5"  # 2: a primitive can, forks and spoons grasped at their centre of mass;
+    version: str = "6"  # 2: a primitive can, forks and spoons grasped at their centre of mass;
     # 3: a narrower start strip, forks and spoons grasped on the handle again, a steady lift;
     # 4: objects across the centre line are handed over; plates and cans grasped clear of neighbours;
-    # 5: ... with the least wrist turn
+    # 5: ... with the least wrist turn; 6: hand-over points clear of every neighbour's footprint and
+    # further from the table's far edge, objects set down there (not dropped), wrappers closed on
+    # lengthwise when a neighbour blocks the short side, a knocked-over can grasped across its
+    # length, the idle arm's fingers kept at their start yaw
     splits: tuple[str, ...] = ("seen", "mixed")
     max_steps: int = 2000  # ~250 steps per object (a gentle carry), 5 at most, and room for re-grasps
     robots: tuple[str, ...] = ("Panda", "Panda")

@@ -59,6 +59,10 @@ class PickPlaceExpert:
     command saturated and the controller swung the arm into a straight-elbow pose from which the
     carry went astray (bussing, task version 2; traced on seen episodes 6, 9 and 31). With gain 1 the
     arm still tilts (up to ~25 degrees) but comes back."""
+    set_down: float | None = None
+    """Release this far above the height the fingers closed at, instead of at `release_z`: the object
+    is set down on the table rather than dropped. A fork dropped from 5 cm at a bussing hand-over
+    point bounced off a cup, landed on its side and could not be grasped again (seen episode 4)."""
     phase: str = "approach"
     retries: int = 0
     _phase_steps: int = 0
@@ -86,12 +90,33 @@ class PickPlaceExpert:
         z = max(pos[2], hi[2] - FINGER_DEPTH, TABLE_TOP_Z + 0.012)
         axis = hint.close_axis
         if axis == "free":
+            if abs(rot[2, 2]) < 0.7:  # a round object knocked over: close across its length, whose
+                # ends otherwise wedge between the open fingers (an 8 cm can lying along the closing
+                # line stayed in the opened gripper and was carried off; bussing mixed episode 43)
+                return np.array([pos[0], pos[1], z]), float(np.arctan2(rot[0, 2], -rot[1, 2]))
             return np.array([pos[0], pos[1], z]), self._clear_yaw(env, pos)
         if axis is None:  # close along the shorter horizontal extent of the object (in its own frame)
             ext = np.ptp((corners - pos) @ rot, axis=0)
             axis = "x" if ext[0] < ext[1] else "y"
         close_dir = rot[:2, 0 if axis == "x" else 1]
-        return np.array([pos[0], pos[1], z]), float(np.arctan2(close_dir[1], close_dir[0]))
+        yaw = float(np.arctan2(close_dir[1], close_dir[0]))
+        if hint.fallback_axis is not None:
+            alt_dir = rot[:2, 0 if hint.fallback_axis == "x" else 1]
+            alt = float(np.arctan2(alt_dir[1], alt_dir[0]))
+            clear, alt_clear = self._clearance(env, pos, np.array([yaw, alt]))
+            if clear < CLEAR and alt_clear > clear:
+                yaw = alt
+        return np.array([pos[0], pos[1], z]), yaw
+
+    def _clearance(self, env, pos: np.ndarray, yaws: np.ndarray) -> np.ndarray:
+        """For each closing direction, the smallest sideways distance of a neighbour (within 15 cm)
+        from the closing line through `pos`; inf where no neighbour is that close."""
+        others = np.delete(env.object_positions(), self.obj_index, axis=0)[:, :2] - pos[:2]
+        others = others[np.linalg.norm(others, axis=1) < 0.15]
+        if len(others) == 0:
+            return np.full(len(yaws), np.inf)
+        normals = np.stack([-np.sin(yaws), np.cos(yaws)], axis=1)
+        return np.min(np.abs(others @ normals.T), axis=0)
 
     def _clear_yaw(self, env, pos: np.ndarray) -> float:
         """A closing direction that keeps the hand clear of the other objects nearby, turning the
@@ -106,12 +131,8 @@ class PickPlaceExpert:
         episode 26, task version 4)."""
         axis = env.finger_axis(self.robot)
         current = float(np.arctan2(axis[1], axis[0]))
-        others = np.delete(env.object_positions(), self.obj_index, axis=0)[:, :2] - pos[:2]
-        others = others[np.linalg.norm(others, axis=1) < 0.15]
         yaws = current + np.radians(np.arange(-90, 90, 15))  # the fingers are symmetric: half a turn
-        if len(others) == 0:
-            return current
-        clearance = np.array([np.min(np.abs(others @ np.array([-np.sin(y), np.cos(y)]))) for y in yaws])
+        clearance = self._clearance(env, pos, yaws)
         ok = clearance >= min(CLEAR, clearance.max())
         return float(yaws[ok][np.argmin(np.abs(yaws[ok] - current))])
 
@@ -139,6 +160,11 @@ class PickPlaceExpert:
             act[5] = np.clip(err / ROT_SCALE, -1, 1)
         act[6] = grip
         return act
+
+    def _release_height(self) -> float:
+        if self.set_down is None or self._close_at is None:
+            return self.release_z
+        return float(self._close_at[2] + self.set_down)
 
     def _next(self, phase: str) -> None:
         self.phase, self._phase_steps, self._low_since = phase, 0, None
@@ -232,7 +258,7 @@ class PickPlaceExpert:
                 self._next("lower")
             return a
         if self.phase == "lower":
-            target = np.array([*self._goal(env, measure=self._phase_steps == 1), self.release_z])
+            target = np.array([*self._goal(env, measure=self._phase_steps == 1), self._release_height()])
             a = self._action(env, target, None, 1.0)
             if abs(target[2] - eef[2]) < 0.015 and self._low_since is None:
                 self._low_since = self._phase_steps
@@ -241,7 +267,7 @@ class PickPlaceExpert:
                 self._next("release")
             return a
         if self.phase == "release":
-            a = self._action(env, np.array([*self._goal(env), self.release_z]), None, -1.0)
+            a = self._action(env, np.array([*self._goal(env), self._release_height()]), None, -1.0)
             if self._phase_steps > 10:
                 self._next("retreat")
             return a

@@ -124,3 +124,56 @@ def test_round_objects_are_grasped_clear_of_a_neighbour_with_the_least_wrist_tur
     assert 0.08 * abs(np.cos(yaw)) >= 0.06 and abs(np.degrees(yaw) - 90) == pytest.approx(60)
     Scene.positions = [[0.0, 0.0, 0.8], [0.5, 0.5, 0.8]]  # nothing near: no turn at all
     assert expert._clear_yaw(Scene(), np.zeros(3)) == pytest.approx(np.pi / 2)
+
+
+def test_hand_over_sets_the_object_down_clear_of_the_others(env):
+    """The hand-over point skips points whose footprint a neighbour covers, and the object is set
+    down there, not dropped (a dropped fork landed on its side across a cup: task version 5)."""
+    env.reset(options={"episode": _spec(2)})
+    items = env.episode.items
+    target = next(i for i, it in enumerate(items) if it.kind == "utensil")
+    blocker = next(i for i in range(len(items)) if i != target)
+    for i, it in enumerate(items):
+        if i not in (target, blocker):
+            home = TRAY_POS if it.kind == "utensil" else BIN_POS
+            _put(env, i, (home[0] + 0.06 * (i % 2) - 0.03, home[1] + 0.05 * (i // 2) - 0.05))
+    _put(env, target, (-0.15, -0.07))
+    _put(env, blocker, (-0.03, 0.1))  # covers the first hand-over point, (-0.08, 0.05)
+    for _ in range(20):  # let the dropped objects come to rest
+        env.advance(np.zeros(14))
+    for _ in range(400):
+        act = env.episode.expert(env.sim)
+        expert = env.episode._current
+        if expert.phase == "release":
+            break
+        env.advance(act.action)
+    assert expert.obj_index == target and expert.robot == 0 and expert.phase == "release"
+    goal = np.array(expert.goal_xy)
+    assert not np.allclose(goal, (-0.08, 0.05))
+    assert np.linalg.norm(goal - env.sim.object_positions()[blocker][:2]) > 0.08
+    assert env.sim.object_aabb(target)[0][2] < TABLE_TOP_Z + 0.02
+
+
+def test_grasp_lines_avoid_a_neighbour_and_cross_a_knocked_over_can(env):
+    from divla_eval.tasks.pick_place_expert import PickPlaceExpert
+
+    env.reset(options={"episode": _spec(11)})
+    can, wrapper = (
+        next(i for i, it in enumerate(env.episode.items) if it.id == k) for k in ("can-soda", "wrapper-red")
+    )
+    for i in range(len(env.episode.items)):
+        _put(env, i, (0.15, 0.3 - 0.15 * i))  # far apart
+
+    def yaw(i):
+        return PickPlaceExpert(obj_index=i, goal_xy=(0, 0), release_z=1.0)._grasp_target(env.sim)[1]
+
+    _put(env, wrapper, (-0.1, 0.0))  # its short side (local y) along the world's y
+    assert abs(np.cos(yaw(wrapper))) == pytest.approx(0, abs=0.05)
+    _put(env, can, (-0.1, -0.07))  # a can on that line: close on the wrapper lengthwise instead
+    assert abs(np.sin(yaw(wrapper))) == pytest.approx(0, abs=0.05)
+    # the can knocked over, lying along y: close across it (along x), whatever the neighbours
+    env.sim.sim.data.set_joint_qpos(
+        env.sim.scene.objects[can].joints[0], np.array([-0.1, -0.2, TABLE_TOP_Z + 0.03, 0.7071, 0.7071, 0, 0])
+    )
+    env.sim.sim.forward()
+    assert abs(np.sin(yaw(can))) == pytest.approx(0, abs=0.05)
