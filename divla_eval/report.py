@@ -284,7 +284,9 @@ def write_report(run_dir: Path) -> Path:
     return report_path
 
 
-SUMMARY_ROWS = ["task", "split", "difficulty", "policy"]
+# A table row never pools task versions or checkpoints: a cell mixing, say, a model with and without
+# reasoning injection (both "divla") would report neither.
+SUMMARY_ROWS = ["task", "task_version", "split", "difficulty", "policy", "checkpoint"]
 VISUAL_COMPOSED = "background:3+camera:3+lighting:3+table:3"
 
 
@@ -304,7 +306,10 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     run_dirs = sorted(p.parent for p in root.rglob("episodes.jsonl"))
     if not run_dirs:
         raise DivlaEvalError(f"no run directories (with episodes.jsonl) under {root}")
-    frames = [records_frame(EpisodeStore(d / "episodes.jsonl").load()) for d in run_dirs]
+    frames = [
+        records_frame(EpisodeStore(d / "episodes.jsonl").load()).assign(checkpoint=_checkpoint_name(d))
+        for d in run_dirs
+    ]
     frames = [f for f in frames if not f.empty]
     if not frames:
         raise DivlaEvalError(f"the runs under {root} have no finished episodes yet")
@@ -313,10 +318,16 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     return df.reset_index(drop=True), run_dirs
 
 
+def _checkpoint_name(run_dir: Path) -> str:
+    """The evaluated checkpoint's folder name, from the run's manifest ("-": none, e.g. scripted)."""
+    checkpoint = ((read_manifest(run_dir) or {}).get("config") or {}).get("checkpoint")
+    return Path(checkpoint).name if checkpoint else "-"
+
+
 def summary_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(long, grid): one row per task x split x difficulty x policy x perturbation with n, rate, CI
     and mean partial score; and the same as a grid with one column per perturbation condition."""
-    work = df.assign(difficulty=df["difficulty"].fillna("-"))
+    work = df.assign(difficulty=df["difficulty"].fillna("-"), task_version=df["task_version"].fillna("-"))
     by = SUMMARY_ROWS + ["perturbation"]
     long = success_table(work, by)
     means = work.groupby(by, dropna=False).agg(partial=("partial_score", "mean"), steps=("steps", "mean"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -173,8 +175,23 @@ def test_summary_grid_over_run_dirs_counts_shared_episodes_once(tmp_path: Path) 
     path = write_summary(tmp_path)
     text = path.read_text()
     assert path == tmp_path / "summary.md"
-    assert "| bin_picking | seen | - | random | 75.0% [30.1%-95.4%] n=4 | 0.0% [0.0%-79.3%] n=1 |" in text
+    row = "| bin_picking | 1 | seen | - | random | - | 75.0% [30.1%-95.4%] n=4 | 0.0% [0.0%-79.3%] n=1 |"
+    assert row in text
     assert "Cells below 95% success: 2." in text
+    # the same policy from two checkpoints, or on another task version, is another row, never pooled
+    for name, ok in (("with-inj", True), ("no-inj", False)):
+        run = tmp_path / name
+        store = EpisodeStore(run / "episodes.jsonl")
+        for i in range(2):
+            store.append(rec(i, success=ok, policy="divla", key=f"{name}-{i}"))
+        (run / "manifest.json").write_text(json.dumps({"config": {"checkpoint": f"ckpts/divla-{name}"}}))
+    newer = EpisodeStore(tmp_path / "v2" / "episodes.jsonl")
+    newer.append(dataclasses.replace(rec(0, success=True), task_version="2", episode_key="v2-0"))
+    text = write_summary(tmp_path).read_text()
+    assert "| bin_picking | 1 | seen | - | divla | divla-with-inj | 100.0% [34.2%-100.0%] n=2 |" in text
+    assert "| bin_picking | 1 | seen | - | divla | divla-no-inj | 0.0% [0.0%-65.8%] n=2 |" in text
+    assert "| bin_picking | 2 | seen | - | random | - | 100.0% [20.7%-100.0%] n=1 |" in text
+    assert "| bin_picking | 1 | seen | - | random | - | 75.0% [30.1%-95.4%] n=4 |" in text
     (tmp_path / "empty").mkdir()
     with pytest.raises(DivlaEvalError, match="no run directories"):
         write_summary(tmp_path / "empty")
