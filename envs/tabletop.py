@@ -158,6 +158,10 @@ class TabletopEnv(ManipulationEnv):
     def object_quats(self) -> np.ndarray:
         return np.array([self.sim.data.body_xquat[i] for i in self.object_body_ids])
 
+    def object_rotation(self, obj_index: int) -> np.ndarray:
+        """The object's 3x3 rotation matrix (its axes as columns, in the world frame)."""
+        return np.array(self.sim.data.body_xmat[self.object_body_ids[obj_index]]).reshape(3, 3)
+
     @property
     def eef_pos(self) -> np.ndarray:
         return self.eef_pos_of(0)

@@ -54,7 +54,10 @@ HANDOVER_ACROSS = 0.02
 # Hand-over points on the serving arm's side (x, |y|), in order of preference: nearest to the middle
 # first, out where both arms reach comfortably, away from the bases. Points at x = 0 (task version 5)
 # left the serving arm reaching with its elbow straight, and it stalled 17 cm short (seen episode 4).
-HANDOVER_POINTS = tuple((x, y) for y in (0.05, 0.09, 0.13) for x in (-0.08, -0.03, -0.13, -0.18))
+# Points further across (|y| = 0.13, task version 6) were out of the handing arm's reach: it sagged
+# back while lowering, tilting the object off (seen episode 23).
+HANDOVER_POINTS = tuple((x, y) for y in (0.05, 0.09) for x in (-0.08, -0.03, -0.13))
+HANDOVER_GAP = 0.015  # metres between the set-down object's footprint and any other's
 
 
 @dataclass(frozen=True)
@@ -283,14 +286,19 @@ class BussingEpisode(TaskEpisode):
             remaining = [i for i in remaining if self._attempts.get(i, 0) < MAX_ATTEMPTS]
             if not remaining:
                 return ExpertAction(self._idle(env), "the table is clean")
-            i = remaining[0]
-            utensil = self.items[i].kind == "utensil"
-            arm = LEFT_ARM if utensil else RIGHT_ARM
-            side = 1.0 if arm == LEFT_ARM else -1.0  # the serving arm's side of the centre line (y)
-            if i not in self._handed_over and -side * positions[i][1] > HANDOVER_ACROSS:
-                self._handed_over.add(i)
-                self._current = self._handover(env, i, side)
-                return self._step(env)
+            for k, i in enumerate(remaining):
+                utensil = self.items[i].kind == "utensil"
+                arm = LEFT_ARM if utensil else RIGHT_ARM
+                side = 1.0 if arm == LEFT_ARM else -1.0  # the serving arm's side of the centre line
+                if i in self._handed_over or -side * positions[i][1] <= HANDOVER_ACROSS:
+                    break
+                # To be handed over: where? With no free point yet, serve the next object first
+                # (clearing the table makes room), unless this is the last one.
+                point = self._handover_point(env, i, side, last=k == len(remaining) - 1)
+                if point is not None:
+                    self._handed_over.add(i)
+                    self._current = self._handover(i, side, point)
+                    return self._step(env)
             self._attempts[i] = self._attempts.get(i, 0) + 1
             (gx, gy), size = (TRAY_POS, TRAY_SIZE) if utensil else (BIN_POS, BIN_SIZE)
             # spread the drops over the receptacle so objects do not land on each other
@@ -310,27 +318,32 @@ class BussingEpisode(TaskEpisode):
             )
         return self._step(env)
 
-    def _handover(self, env, i: int, side: float):
-        """The arm on the object's side sets it down at the free hand-over point nearest the middle,
-        on the serving arm's side; the serving arm then picks it up from there as usual."""
+    def _handover_point(self, env, i: int, side: float, last: bool) -> np.ndarray | None:
+        """The first hand-over point (in order of preference) on the serving arm's side where the
+        object's footprint keeps clear of every other object's. None if there is none, unless
+        `last`: then the point with the most room."""
+        # Footprints as capsules: a fork set down by its centre 4 cm from a cup lay across the cup's
+        # rim, fell on its side and could not be grasped again (seen episode 4, version 5); a disc
+        # as wide as a fork is long left no point free beside one, and the fallback sent the other
+        # arm to a corner it could not reach (seen episodes 23 and 25, version 6).
+        held = _footprint(env, i)
+        others = [_footprint(env, j) for j in range(len(self.items)) if j != i]
+        points = [np.array([x, side * y]) for x, y in HANDOVER_POINTS]
+        gaps = [min((_gap(held.moved_to(p), other) for other in others), default=1.0) for p in points]
+        free = [p for p, gap in zip(points, gaps) if gap > HANDOVER_GAP]
+        if free:
+            return free[0]
+        return points[int(np.argmax(gaps))] if last else None
+
+    def _handover(self, i: int, side: float, point: np.ndarray):
+        """The arm on the object's side sets it down at `point`, on the serving arm's side; the
+        serving arm then picks it up from there as usual."""
         from divla_eval.tasks.pick_place_expert import PickPlaceExpert
 
-        # Footprints as discs (centre, radius): a fork set down by its centre 4 cm from a cup lay
-        # across the cup's rim, fell on its side and could not be grasped again (seen episode 4).
-        def disc(j):
-            xy = env.object_positions()[j][:2]
-            return xy, float(np.max(np.linalg.norm(env.object_corners(j)[:, :2] - xy, axis=1)))
-
-        radius = disc(i)[1]
-        others = [disc(j) for j in range(len(self.items)) if j != i]
-        points = [np.array([x, side * y]) for x, y in HANDOVER_POINTS]
-        gaps = [min((np.linalg.norm(p - c) - r for c, r in others), default=1.0) - radius for p in points]
-        free = [p for p, gap in zip(points, gaps) if gap > 0.01]
-        goal = free[0] if free else points[int(np.argmax(gaps))]
         arm = RIGHT_ARM if side > 0 else LEFT_ARM
         return PickPlaceExpert(
             obj_index=i,
-            goal_xy=(float(goal[0]), float(goal[1])),
+            goal_xy=(float(point[0]), float(point[1])),
             release_z=TABLE_TOP_Z + 0.06,
             set_down=0.01,
             robot=arm,
@@ -371,6 +384,48 @@ class BussingEpisode(TaskEpisode):
         return action
 
 
+@dataclass(frozen=True)
+class _Capsule:
+    """An object's footprint on the table: the segment a..b widened by `radius` (a fork is a long
+    thin capsule, a plate a disc)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    radius: float
+
+    def moved_to(self, centre: np.ndarray) -> _Capsule:
+        shift = centre - (self.a + self.b) / 2
+        return _Capsule(self.a + shift, self.b + shift, self.radius)
+
+
+def _footprint(env, j: int) -> _Capsule:
+    """Along the object's longer horizontal axis (in its own frame), through its position."""
+    centre = env.object_positions()[j][:2]
+    corners = env.object_corners(j)[:, :2] - centre
+    axes = env.object_rotation(j)[:2, :2].T  # rows: the object's x and y axes on the table
+    extent = np.ptp(corners @ axes.T, axis=0) / 2  # half extents along them
+    long = int(np.argmax(extent))
+    radius = float(extent[1 - long])
+    u = axes[long] / (np.linalg.norm(axes[long]) + 1e-9)
+    half = max(float(extent[long]) - radius, 0.0)
+    return _Capsule(centre - half * u, centre + half * u, radius)
+
+
+def _gap(p: _Capsule, q: _Capsule) -> float:
+    """Clearance between two footprints (negative: they overlap), from points along each segment:
+    a few millimetres of error at most, plenty for choosing where to set an object down."""
+
+    def to_segment(points, a, b):
+        ab = b - a
+        t = np.clip((points - a) @ ab / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+        return np.linalg.norm(points - (a + t[:, None] * ab), axis=1)
+
+    s = np.linspace(0.0, 1.0, 11)[:, None]
+    along_p, along_q = p.a + s * (p.b - p.a), q.a + s * (q.b - q.a)
+    dist = min(to_segment(along_p, q.a, q.b).min(), to_segment(along_q, p.a, p.b).min())
+    return float(dist) - p.radius - q.radius
+
+
 def _yaw(axis: np.ndarray) -> float:
     return float(np.arctan2(axis[1], axis[0]))
 
@@ -380,13 +435,14 @@ class Bussing(Task):
     """Bimanual table bussing; see the module docstring."""
 
     name: str = "bussing"
-    version: str = "6"  # 2: a primitive can, forks and spoons grasped at their centre of mass;
+    version: str = "7"  # 2: a primitive can, forks and spoons grasped at their centre of mass;
     # 3: a narrower start strip, forks and spoons grasped on the handle again, a steady lift;
     # 4: objects across the centre line are handed over; plates and cans grasped clear of neighbours;
     # 5: ... with the least wrist turn; 6: hand-over points clear of every neighbour's footprint and
     # further from the table's far edge, objects set down there (not dropped), wrappers closed on
     # lengthwise when a neighbour blocks the short side, a knocked-over can grasped across its
-    # length, the idle arm's fingers kept at their start yaw
+    # length, the idle arm's fingers kept at their start yaw; 7: footprints as capsules, points within
+    # the handing arm's reach, and an object with no free point waits while the others are cleared
     splits: tuple[str, ...] = ("seen", "mixed")
     max_steps: int = 2000  # ~250 steps per object (a gentle carry), 5 at most, and room for re-grasps
     robots: tuple[str, ...] = ("Panda", "Panda")

@@ -177,3 +177,38 @@ def test_grasp_lines_avoid_a_neighbour_and_cross_a_knocked_over_can(env):
     )
     env.sim.sim.forward()
     assert abs(np.sin(yaw(can))) == pytest.approx(0, abs=0.05)
+
+
+def test_hand_over_waits_for_room_and_footprints_are_capsules():
+    """No free hand-over point: the object waits (None) unless it is the last one; a fork's
+    footprint is a thin capsule, so a cup 4 cm beside its handle is clear of it but not on it."""
+    from divla_eval.tasks.bussing import BussingEpisode, _footprint, _gap
+
+    class Scene:  # axis-aligned boxes (centre x, y, half extent x, y)
+        def __init__(self, boxes):
+            self.boxes = np.array(boxes, dtype=float)
+
+        def object_positions(self):
+            return np.c_[self.boxes[:, :2], np.full(len(self.boxes), 0.82)]
+
+        def object_corners(self, j):
+            x, y, hx, hy = self.boxes[j]
+            return np.array([[x + sx * hx, y + sy * hy, 0.82] for sx in (-1, 1) for sy in (-1, 1)])
+
+        def object_rotation(self, j):
+            return np.eye(3)
+
+    fork, cup = (-0.1, 0.0, 0.07, 0.008), (-0.1, 0.04 + 0.008 + 0.022, 0.022, 0.022)
+    scene = Scene([fork, cup])
+    assert _gap(_footprint(scene, 0), _footprint(scene, 1)) == pytest.approx(0.04, abs=1e-6)
+    assert _footprint(scene, 0).radius == pytest.approx(0.008)
+    ep = BussingEpisode(_spec(2))
+    # a cup on every hand-over point of the left side: the fork (on the right) has nowhere to go
+    crowd = [(x, y, 0.022, 0.022) for x in (-0.13, -0.08, -0.03) for y in (0.05, 0.09)]
+    scene = Scene([(-0.1, -0.06, 0.07, 0.008), *crowd])
+    ep.items = ep.items[:1] * len(scene.boxes)
+    assert ep._handover_point(scene, 0, side=1.0, last=False) is None
+    assert ep._handover_point(scene, 0, side=1.0, last=True) is not None
+    scene = Scene([(-0.1, -0.06, 0.07, 0.008), (-0.08, 0.2, 0.022, 0.022)])  # room: the first point
+    ep.items = ep.items[:1] * len(scene.boxes)
+    assert np.allclose(ep._handover_point(scene, 0, side=1.0, last=False), (-0.08, 0.05))
