@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("root", type=Path, help="folder holding run directories (searched recursively)")
     summ.add_argument("--out", type=Path, default=None, help="markdown file (default: ROOT/summary.md)")
 
+    cmp_ = sub.add_parser("compare", help="two runs on the same episodes: paired rates and McNemar p")
+    cmp_.add_argument("run_a", type=Path)
+    cmp_.add_argument("run_b", type=Path)
+
     col = sub.add_parser("collect", help="record scripted-expert demonstrations to robomimic-style HDF5")
     col.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
     col.add_argument(
@@ -317,6 +321,13 @@ def _cmd_summary(args) -> int:
 
     path = write_summary(args.root, args.out)
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from divla_eval.report import compare_runs
+
+    print(compare_runs(args.run_a, args.run_b))
     return 0
 
 
@@ -532,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             "list": _cmd_list,
             "report": _cmd_report,
             "summary": _cmd_summary,
+            "compare": _cmd_compare,
             "collect": _cmd_collect,
             "train": _cmd_train,
             "bench": _cmd_bench,

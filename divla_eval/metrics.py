@@ -58,6 +58,18 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return (max(0.0, center - half), min(1.0, center + half))
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test (p = 1/2) on the discordant pairs, the
+    episodes that exactly one of two policies solved. The right test for two runs on the same
+    episodes, where a comparison of two independent success rates would throw away the pairing."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def _format_level(level: object) -> str:
     if isinstance(level, float) and level.is_integer():
         return str(int(level))

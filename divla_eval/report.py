@@ -17,11 +17,13 @@ import pandas as pd
 from divla_eval.errors import DivlaEvalError
 from divla_eval.metrics import (
     failure_modes,
+    mcnemar_exact,
     per_instruction_table,
     per_object_table,
     perturbation_drops,
     records_frame,
     success_table,
+    wilson_interval,
 )
 from divla_eval.records import EpisodeStore, read_manifest
 
@@ -316,6 +318,52 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     df = pd.concat(frames, ignore_index=True)
     df = df.drop_duplicates(subset=["episode_key", "policy", "checkpoint_hash"], keep="first")
     return df.reset_index(drop=True), run_dirs
+
+
+def compare_runs(run_a: Path, run_b: Path) -> str:
+    """Markdown: two runs on the same episodes (same task, split, difficulty, perturbation and
+    episode index, e.g. two checkpoints or two inference settings), paired per episode, with each
+    run's rate and Wilson CI and the exact McNemar p-value of the difference."""
+    frames = {}
+    for run in (run_a, run_b):
+        if not (Path(run) / "episodes.jsonl").is_file():
+            raise DivlaEvalError(f"{run}: no episodes.jsonl (not a run directory)")
+        frame = records_frame(EpisodeStore(Path(run) / "episodes.jsonl").load())
+        if frame.empty:
+            raise DivlaEvalError(f"{run}: no finished episodes yet")
+        frames[run] = frame.assign(difficulty=frame["difficulty"].fillna("-"))
+    key = ["task", "split", "difficulty", "perturbation", "episode_index"]
+    a, b = (frames[r][key + ["success"]].drop_duplicates(key) for r in (run_a, run_b))
+    paired = a.merge(b, on=key, suffixes=("_a", "_b"))
+    if paired.empty:
+        conditions = {r: sorted(set(map(tuple, f[key[:4]].values.tolist()))) for r, f in frames.items()}
+        raise DivlaEvalError(
+            "the two runs share no episode (task, split, difficulty, perturbation, episode index): "
+            + "; ".join(f"{r} has {c}" for r, c in conditions.items())
+        )
+    rows = []
+    for cond, g in paired.groupby(key[:4], sort=True):
+        sa, sb = int(g["success_a"].sum()), int(g["success_b"].sum())
+        only_a = int((g["success_a"] & ~g["success_b"]).sum())
+        only_b = int((g["success_b"] & ~g["success_a"]).sum())
+        n = len(g)
+        (la, ha), (lb, hb) = wilson_interval(sa, n), wilson_interval(sb, n)
+        rows.append(
+            {
+                "task": cond[0],
+                "split": cond[1],
+                "difficulty": cond[2],
+                "perturbation": cond[3],
+                "paired episodes": n,
+                "A": f"{sa}/{n} = {_pct(sa / n)} [{_pct(la)}-{_pct(ha)}]",
+                "B": f"{sb}/{n} = {_pct(sb / n)} [{_pct(lb)}-{_pct(hb)}]",
+                "both": int((g["success_a"] & g["success_b"]).sum()),
+                "only A": only_a,
+                "only B": only_b,
+                "McNemar p": f"{mcnemar_exact(only_a, only_b):.3g}",
+            }
+        )
+    return "\n".join([f"A: `{run_a}`", f"B: `{run_b}`", "", markdown_table(pd.DataFrame(rows)), ""])
 
 
 def _checkpoint_name(run_dir: Path) -> str:

@@ -197,3 +197,25 @@ def test_summary_grid_over_run_dirs_counts_shared_episodes_once(tmp_path: Path) 
         write_summary(tmp_path / "empty")
     with pytest.raises(DivlaEvalError, match="not a directory"):
         write_summary(tmp_path / "missing")
+
+
+def test_compare_pairs_episodes_and_gives_the_exact_mcnemar_p(tmp_path: Path) -> None:
+    from divla_eval.metrics import mcnemar_exact
+    from divla_eval.report import compare_runs
+
+    assert mcnemar_exact(11, 1) == pytest.approx(0.00635, abs=1e-5)  # 2 * (1 + 12) / 2**12
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    a, b = EpisodeStore(tmp_path / "a" / "episodes.jsonl"), EpisodeStore(tmp_path / "b" / "episodes.jsonl")
+    for i in range(6):
+        a.append(rec(i, success=i < 4))  # solves 0-3
+        b.append(rec(i, success=i in (3, 4), policy="divla"))  # solves 3 and 4
+    b.append(rec(7, success=True, policy="divla"))  # not in A: left out of the pairs
+    text = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert "| bin_picking | seen | - | none | 6 | 4/6 = 66.7%" in text
+    assert "| 1 | 3 | 1 | 0.625 |" in text  # both, only A, only B, p = 2 * 5/16
+    other = EpisodeStore(tmp_path / "c" / "episodes.jsonl")
+    other.append(dataclasses.replace(rec(0, success=True), split="unseen"))
+    with pytest.raises(DivlaEvalError, match="share no episode"):
+        compare_runs(tmp_path / "a", tmp_path / "c")
+    with pytest.raises(DivlaEvalError, match="not a run directory"):
+        compare_runs(tmp_path / "a", tmp_path / "missing")
