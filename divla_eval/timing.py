@@ -468,6 +468,7 @@ def _one_demo(task: str, image_size: int, workdir: Path) -> Path:
 COLUMNS = {
     "policy": "policy",
     "variant": "variant",
+    "settings": "settings",
     "params": "params",
     "backbone_params": "backbone",
     "checkpoint": "weights",
@@ -494,6 +495,7 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
     shown = df[list(COLUMNS)].rename(columns=COLUMNS).copy()
     for col in ("p50 ms", "p95 ms", "p99 ms", "mean ms", "calls/s", "actions/s"):
         shown[col] = shown[col].map(lambda v: f"{v:.1f}")
+    shown["settings"] = shown["settings"].fillna("").replace("", "-")
     shown["actions/call"] = shown["actions/call"].map(lambda v: f"{v:g}")
     shown["params"] = shown["params"].map(_params)
     shown["backbone"] = shown["backbone"].map(_params)
