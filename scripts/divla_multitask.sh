@@ -4,7 +4,9 @@
 # 100 episodes per sub-task. Same recipe and budget as the bin-picking reference (7000 steps of batch
 # 32, alpha 1, 8 noise draws per observation). Every step resumes where it stopped when rerun.
 #
-#   scripts/divla_multitask.sh [demos|train|eval|all]   (default: all)
+#   scripts/divla_multitask.sh [demos|train|eval|eval-visual|all]   (default: all)
+#       eval-visual: the 100 episodes per sub-task again under distractors, background and lighting
+#       at level 3 (the paper's three visual-generalisation conditions)
 #   NOINJ=1 scripts/divla_multitask.sh [train|eval]   the reasoning-injection ablation (TinyVLA's
 #       design: the action head gets no FiLM from the reasoning), on the same demos and recipe
 set -euo pipefail
@@ -33,6 +35,15 @@ fi
 if [[ $stage == train || $stage == all ]]; then
   "${train_cmd[@]}"
   .venv/bin/python scripts/ship_checkpoint.py "$out" "checkpoints/$name" --command "${train_cmd[*]}"
+fi
+if [[ $stage == eval-visual || $stage == all ]]; then
+  for pert in distractors background lighting; do
+    for t in "${SUBTASKS[@]}"; do
+      .venv/bin/divla-eval run --task multitask --split "$t" --episodes 100 --policy divla \
+          --checkpoint "checkpoints/$name" --perturb "$pert:3" --workers "${WORKERS:-2}" --no-progress \
+          --out "results/divla/${name#divla-}-$t-${pert}3"
+    done
+  done
 fi
 if [[ $stage == eval || $stage == all ]]; then
   for t in "${SUBTASKS[@]}"; do
