@@ -36,6 +36,13 @@ if [[ $stage == train || $stage == all ]]; then
   "${train_cmd[@]}"
   .venv/bin/python scripts/ship_checkpoint.py "$out" "checkpoints/$name" --command "${train_cmd[*]}"
 fi
+if [[ $stage == eval || $stage == all ]]; then
+  for t in "${SUBTASKS[@]}"; do
+    .venv/bin/divla-eval run --task multitask --split "$t" --episodes 100 --policy divla \
+        --checkpoint "checkpoints/$name" --workers "${WORKERS:-2}" --no-progress --out "results/divla/${name#divla-}-$t"
+    .venv/bin/divla-eval report "results/divla/${name#divla-}-$t"
+  done
+fi
 if [[ $stage == eval-visual || $stage == all ]]; then
   for pert in distractors background lighting; do
     for t in "${SUBTASKS[@]}"; do
@@ -43,12 +50,5 @@ if [[ $stage == eval-visual || $stage == all ]]; then
           --checkpoint "checkpoints/$name" --perturb "$pert:3" --workers "${WORKERS:-2}" --no-progress \
           --out "results/divla/${name#divla-}-$t-${pert}3"
     done
-  done
-fi
-if [[ $stage == eval || $stage == all ]]; then
-  for t in "${SUBTASKS[@]}"; do
-    .venv/bin/divla-eval run --task multitask --split "$t" --episodes 100 --policy divla \
-        --checkpoint "checkpoints/$name" --workers 2 --no-progress --out "results/divla/${name#divla-}-$t"
-    .venv/bin/divla-eval report "results/divla/${name#divla-}-$t"
   done
 fi
