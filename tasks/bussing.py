@@ -274,7 +274,7 @@ class BussingEpisode(TaskEpisode):
 
     def expert(self, env) -> ExpertAction:
         """One arm at a time (the middle is shared, so the arms never reach into it together)."""
-        from divla_eval.tasks.pick_place_expert import PickPlaceExpert
+        from divla_eval.tasks.pick_place_expert import PickPlaceExpert, _yaw
 
         positions = env.object_positions()
         if self._home_yaw is None:
@@ -372,7 +372,7 @@ class BussingEpisode(TaskEpisode):
         """Hold each arm at its home pose, gripper open, fingers turned back to their start yaw (the
         active arm's part is overwritten). Left alone, an idle wrist drifted and the arm began its
         next reach twisted (task version 5)."""
-        from divla_eval.tasks.pick_place_expert import ROT_SCALE, _wrap
+        from divla_eval.tasks.pick_place_expert import ROT_SCALE, _wrap, _yaw
 
         action = np.zeros(14)
         for arm, home in HOME.items():
@@ -424,10 +424,6 @@ def _gap(p: _Capsule, q: _Capsule) -> float:
     along_p, along_q = p.a + s * (p.b - p.a), q.a + s * (q.b - q.a)
     dist = min(to_segment(along_p, q.a, q.b).min(), to_segment(along_q, p.a, p.b).min())
     return float(dist) - p.radius - q.radius
-
-
-def _yaw(axis: np.ndarray) -> float:
-    return float(np.arctan2(axis[1], axis[0]))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,11 @@ def _wrap(a: float) -> float:
     return (a + np.pi) % (2 * np.pi) - np.pi
 
 
+def _yaw(direction: np.ndarray) -> float:
+    """The angle of a horizontal direction (x, y, ...) about the world z axis."""
+    return float(np.arctan2(direction[1], direction[0]))
+
+
 @dataclass
 class PickPlaceExpert:
     obj_index: int
@@ -82,9 +87,8 @@ class PickPlaceExpert:
         """World grasp point and the gripper yaw that closes the fingers along the object's grasp axis."""
         obj = env.scene.objects[self.obj_index]
         hint = obj.grasp_hint
-        body = env.object_body_ids[self.obj_index]
-        rot = np.array(env.sim.data.body_xmat[body]).reshape(3, 3)
-        pos = np.array(env.sim.data.body_xpos[body]) + rot @ np.asarray(hint.offset)
+        rot = env.object_rotation(self.obj_index)
+        pos = env.object_positions()[self.obj_index] + rot @ np.asarray(hint.offset)
         corners = env.object_corners(self.obj_index)
         hi = corners.max(axis=0)
         z = max(pos[2], hi[2] - FINGER_DEPTH, TABLE_TOP_Z + 0.012)
@@ -99,10 +103,10 @@ class PickPlaceExpert:
             ext = np.ptp((corners - pos) @ rot, axis=0)
             axis = "x" if ext[0] < ext[1] else "y"
         close_dir = rot[:2, 0 if axis == "x" else 1]
-        yaw = float(np.arctan2(close_dir[1], close_dir[0]))
+        yaw = _yaw(close_dir)
         if hint.fallback_axis is not None:
             alt_dir = rot[:2, 0 if hint.fallback_axis == "x" else 1]
-            alt = float(np.arctan2(alt_dir[1], alt_dir[0]))
+            alt = _yaw(alt_dir)
             clear, alt_clear = self._clearance(env, pos, np.array([yaw, alt]))
             if clear < CLEAR and alt_clear > clear:
                 yaw = alt
@@ -130,7 +134,7 @@ class PickPlaceExpert:
         reaching across the table contorted the arm and sent it 20 cm off course (bussing mixed
         episode 26, task version 4)."""
         axis = env.finger_axis(self.robot)
-        current = float(np.arctan2(axis[1], axis[0]))
+        current = _yaw(axis)
         yaws = current + np.radians(np.arange(-90, 90, 15))  # the fingers are symmetric: half a turn
         clearance = self._clearance(env, pos, yaws)
         ok = clearance >= min(CLEAR, clearance.max())
@@ -150,7 +154,7 @@ class PickPlaceExpert:
             act[:3] *= min(1.0, TILT_OK / max(tilt, 1e-6))
         if yaw is not None:
             axis = env.finger_axis(self.robot)
-            err = _wrap(yaw - np.arctan2(axis[1], axis[0]))
+            err = _wrap(yaw - _yaw(axis))
             # The fingers are symmetric, so `yaw` and `yaw + pi` grasp alike: take the smaller turn
             # unless it would drive the wrist joint into its limit (then the arm stalls short of the
             # object, seen in bussing after an arm's wrist had wound up on earlier objects).
@@ -209,7 +213,7 @@ class PickPlaceExpert:
             above = grasp + np.array([0, 0, 0.10])
             a = self._action(env, above, yaw, -1.0)
             axis = env.finger_axis(self.robot)
-            yaw_err = abs(_wrap(2 * (yaw - np.arctan2(axis[1], axis[0])))) / 2
+            yaw_err = abs(_wrap(2 * (yaw - _yaw(axis)))) / 2
             if (np.linalg.norm(above - eef) < 0.015 and yaw_err < 0.05) or self._phase_steps > 80:
                 self._next("descend")
             return a
