@@ -1,4 +1,4 @@
-"""`divla-eval`: run | train | collect | list | report | summary | bench.
+"""`divla-eval`: run | train | collect | list | report | summary | tables | compare | bench.
 
 Every mistake a user can make on the command line ends in one line on stderr,
 `divla-eval: error: <what is wrong and the valid choices>`, and exit code 2, never a traceback.
@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     summ = sub.add_parser("summary", help="one success grid over every run directory under a folder")
     summ.add_argument("root", type=Path, help="folder holding run directories (searched recursively)")
     summ.add_argument("--out", type=Path, default=None, help="markdown file (default: ROOT/summary.md)")
+
+    tab = sub.add_parser(
+        "tables", help="the paper's result tables (every policy) from the runs under a folder"
+    )
+    tab.add_argument("root", type=Path, nargs="?", default=Path("results"), help="folder (default: results)")
+    tab.add_argument("--out", type=Path, default=None, help="markdown file (default: ROOT/paper_tables.md)")
 
     cmp_ = sub.add_parser("compare", help="two runs on the same episodes: paired rates and McNemar p")
     cmp_.add_argument("run_a", type=Path)
@@ -320,6 +326,14 @@ def _cmd_summary(args) -> int:
     from divla_eval.report import write_summary
 
     path = write_summary(args.root, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_tables(args) -> int:
+    from divla_eval.paper import write_paper_tables
+
+    path = write_paper_tables(args.root, args.out)
     print(f"wrote {path}")
     return 0
 
@@ -544,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             "report": _cmd_report,
             "summary": _cmd_summary,
             "compare": _cmd_compare,
+            "tables": _cmd_tables,
             "collect": _cmd_collect,
             "train": _cmd_train,
             "bench": _cmd_bench,

@@ -286,8 +286,8 @@ def write_report(run_dir: Path) -> Path:
     return report_path
 
 
-# A table row never pools task versions or checkpoints: a cell mixing, say, a model with and without
-# reasoning injection (both "divla") would report neither.
+# A table row never pools task versions or checkpoints (named folder@content hash): a cell mixing,
+# say, a model with and without reasoning injection (both "divla") would report neither.
 SUMMARY_ROWS = ["task", "task_version", "split", "difficulty", "policy", "checkpoint"]
 VISUAL_COMPOSED = "background:3+camera:3+lighting:3+table:3"
 
@@ -317,6 +317,12 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
         raise DivlaEvalError(f"the runs under {root} have no finished episodes yet")
     df = pd.concat(frames, ignore_index=True)
     df = df.drop_duplicates(subset=["episode_key", "policy", "checkpoint_hash"], keep="first")
+    # A folder name is not an identity: the shipped checkpoint folder was overwritten by a retrained
+    # model, and runs of both would share a row. The content hash tells them apart.
+    hashes = df["checkpoint_hash"]
+    df["checkpoint"] = [
+        f"{name}@{h[:8]}" if isinstance(h, str) and h else name for name, h in zip(df["checkpoint"], hashes)
+    ]
     return df.reset_index(drop=True), run_dirs
 
 

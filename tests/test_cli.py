@@ -26,6 +26,7 @@ from divla_eval.cli import main
         (["list", "objects", "--split", "nope"], "valid: seen, unseen"),
         (["report", "/nonexistent/run"], "/nonexistent/run"),
         (["summary", "/nonexistent/runs"], "is not a directory"),
+        (["tables", "/nonexistent/runs"], "is not a directory"),
         (["compare", "/nonexistent/a", "/nonexistent/b"], "not a run directory"),
         (["run", "--policy", "random", "--checkpoint", "ckpt"], "takes no checkpoint"),
         (["run", "--option", "colour=red"], "valid: max_steps, num_objects, variant"),

@@ -185,11 +185,22 @@ def test_summary_grid_over_run_dirs_counts_shared_episodes_once(tmp_path: Path) 
         for i in range(2):
             store.append(rec(i, success=ok, policy="divla", key=f"{name}-{i}"))
         (run / "manifest.json").write_text(json.dumps({"config": {"checkpoint": f"ckpts/divla-{name}"}}))
+    # a retrained model saved into the same folder is told apart by its content hash
+    for name, digest, ok in (("old", "0e8b41c1a292288d", False), ("new", "7acb90b6d0c0a5f1", True)):
+        run = tmp_path / f"shipped-{name}"
+        store = EpisodeStore(run / "episodes.jsonl")
+        for i in range(3):
+            store.append(
+                dataclasses.replace(rec(i, success=ok, policy="divla", key=f"s-{i}"), checkpoint_hash=digest)
+            )
+        (run / "manifest.json").write_text(json.dumps({"config": {"checkpoint": "ckpts/divla-shipped"}}))
     newer = EpisodeStore(tmp_path / "v2" / "episodes.jsonl")
     newer.append(dataclasses.replace(rec(0, success=True), task_version="2", episode_key="v2-0"))
     text = write_summary(tmp_path).read_text()
     assert "| bin_picking | 1 | seen | - | divla | divla-with-inj | 100.0% [34.2%-100.0%] n=2 |" in text
     assert "| bin_picking | 1 | seen | - | divla | divla-no-inj | 0.0% [0.0%-65.8%] n=2 |" in text
+    assert "| divla | divla-shipped@0e8b41c1 | 0.0% [0.0%-56.1%] n=3 |" in text
+    assert "| divla | divla-shipped@7acb90b6 | 100.0% [43.9%-100.0%] n=3 |" in text
     assert "| bin_picking | 2 | seen | - | random | - | 100.0% [20.7%-100.0%] n=1 |" in text
     assert "| bin_picking | 1 | seen | - | random | - | 75.0% [30.1%-95.4%] n=4 |" in text
     (tmp_path / "empty").mkdir()
@@ -219,3 +230,34 @@ def test_compare_pairs_episodes_and_gives_the_exact_mcnemar_p(tmp_path: Path) ->
         compare_runs(tmp_path / "a", tmp_path / "c")
     with pytest.raises(DivlaEvalError, match="not a run directory"):
         compare_runs(tmp_path / "a", tmp_path / "missing")
+
+
+def test_paper_tables_name_every_paper_policy_and_pool_subtasks_only_when_complete(tmp_path: Path) -> None:
+    from divla_eval.paper import MULTITASK_SUBTASKS, write_paper_tables
+
+    def mt(i: int, split: str, ok: bool, policy: str = "divla", options: dict | None = None) -> EpisodeRecord:
+        base = rec(i, success=ok, policy=policy, key=f"mt-{split}-{i}-{policy}-{options}")
+        return dataclasses.replace(base, task="multitask", split=split, policy_options=options or {})
+
+    store = EpisodeStore(tmp_path / "divla-mt" / "episodes.jsonl")
+    for split in MULTITASK_SUBTASKS:
+        for i in range(2):
+            store.append(mt(i, split, ok=(split == "flip_pot" and i == 0)))
+    # a trade-off run with a non-default option is not the policy's table entry
+    odd = EpisodeStore(tmp_path / "divla-mt-ddim5" / "episodes.jsonl")
+    odd.append(mt(0, "select_object", ok=True, options={"inference_steps": 5}))
+    # an incomplete policy: one sub-task only, so no average
+    partial = EpisodeStore(tmp_path / "dp-mt" / "episodes.jsonl")
+    partial.append(mt(0, "select_object", ok=True, policy="diffusion_policy"))
+    text = write_paper_tables(tmp_path).read_text()
+    section = text.split("## Multi-task (five Franka tasks, in distribution)")[1].split("##")[0]
+    divla_row = next(line for line in section.splitlines() if line.startswith("| divla |"))
+    assert divla_row.count("0/2 = 0.0%") == 4 and "1/2 = 50.0%" in divla_row
+    assert divla_row.endswith("| 1/10 = 10.0% [1.8%-40.4%] |")  # the five sub-tasks pooled
+    dp_row = next(line for line in section.splitlines() if line.startswith("| diffusion_policy |"))
+    assert "| 1/1 = 100.0%" in dp_row and dp_row.endswith("| - |")  # no average from one sub-task
+    assert "| openvla | not run |" in section and "| octo | not run |" in section
+    assert "inference_steps" not in text and section.count("| divla |") == 1
+    # bin picking has no runs here: every paper policy is listed as not run
+    bin_section = text.split("## Zero-shot bin picking")[1].split("##")[0]
+    assert bin_section.count("| not run |") == 6
