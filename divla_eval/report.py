@@ -25,7 +25,7 @@ from divla_eval.metrics import (
     success_table,
     wilson_interval,
 )
-from divla_eval.records import EpisodeStore, read_manifest
+from divla_eval.records import EpisodeRecord, EpisodeStore, read_manifest
 
 GROUP_COLUMNS = ["task", "split", "perturbation", "policy"]
 
@@ -198,17 +198,25 @@ def _reasoning_section(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
     ]
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write ``report.md`` and ``success.png`` into ``run_dir``; returns the report path."""
+def load_run(run_dir: Path) -> list[EpisodeRecord]:
+    """The finished episode records of one run directory, or a one-line error naming what is wrong
+    (no such directory, not a run directory, no finished episode yet)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DivlaEvalError(f"run directory {run_dir} does not exist")
     episodes_path = run_dir / "episodes.jsonl"
     if not episodes_path.is_file():
-        raise DivlaEvalError(f"{run_dir} has no episodes.jsonl; is it a divla-eval run directory?")
+        raise DivlaEvalError(f"{run_dir} has no episodes.jsonl: not a run directory")
     records = EpisodeStore(episodes_path).load()
     if not records:
-        raise DivlaEvalError(f"{episodes_path} has no finished episodes yet; nothing to report")
+        raise DivlaEvalError(f"{episodes_path} has no finished episodes yet")
+    return records
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md`` and ``success.png`` into ``run_dir``; returns the report path."""
+    run_dir = Path(run_dir)
+    records = load_run(run_dir)
     manifest = read_manifest(run_dir)
     df = records_frame(records)
 
@@ -332,11 +340,7 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
     run's rate and Wilson CI and the exact McNemar p-value of the difference."""
     frames = {}
     for run in (run_a, run_b):
-        if not (Path(run) / "episodes.jsonl").is_file():
-            raise DivlaEvalError(f"{run}: no episodes.jsonl (not a run directory)")
-        frame = records_frame(EpisodeStore(Path(run) / "episodes.jsonl").load())
-        if frame.empty:
-            raise DivlaEvalError(f"{run}: no finished episodes yet")
+        frame = records_frame(load_run(run))
         frames[run] = frame.assign(difficulty=frame["difficulty"].fillna("-"))
     key = ["task", "split", "difficulty", "perturbation", "episode_index"]
     a, b = (frames[r][key + ["success"]].drop_duplicates(key) for r in (run_a, run_b))

@@ -27,7 +27,7 @@ from divla_eval.cli import main
         (["report", "/nonexistent/run"], "/nonexistent/run"),
         (["summary", "/nonexistent/runs"], "is not a directory"),
         (["tables", "/nonexistent/runs"], "is not a directory"),
-        (["compare", "/nonexistent/a", "/nonexistent/b"], "not a run directory"),
+        (["compare", "/nonexistent/a", "/nonexistent/b"], "run directory /nonexistent/a does not exist"),
         (["run", "--policy", "random", "--checkpoint", "ckpt"], "takes no checkpoint"),
         (["run", "--option", "colour=red"], "valid: max_steps, num_objects, variant"),
         (["run", "--option", "num_objects=many"], "expected int"),

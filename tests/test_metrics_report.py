@@ -228,8 +228,11 @@ def test_compare_pairs_episodes_and_gives_the_exact_mcnemar_p(tmp_path: Path) ->
     other.append(dataclasses.replace(rec(0, success=True), split="unseen"))
     with pytest.raises(DivlaEvalError, match="share no episode"):
         compare_runs(tmp_path / "a", tmp_path / "c")
-    with pytest.raises(DivlaEvalError, match="not a run directory"):
+    with pytest.raises(DivlaEvalError, match="does not exist"):
         compare_runs(tmp_path / "a", tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DivlaEvalError, match="not a run directory"):
+        compare_runs(tmp_path / "empty", tmp_path / "a")
 
 
 def test_paper_tables_name_every_paper_policy_and_pool_subtasks_only_when_complete(tmp_path: Path) -> None:
