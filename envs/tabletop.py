@@ -158,6 +158,10 @@ class TabletopEnv(ManipulationEnv):
     def object_quats(self) -> np.ndarray:
         return np.array([self.sim.data.body_xquat[i] for i in self.object_body_ids])
 
+    def object_position(self, obj_index: int) -> np.ndarray:
+        """The object's body origin in the world frame."""
+        return np.array(self.sim.data.body_xpos[self.object_body_ids[obj_index]])
+
     def object_rotation(self, obj_index: int) -> np.ndarray:
         """The object's 3x3 rotation matrix (its axes as columns, in the world frame)."""
         return np.array(self.sim.data.body_xmat[self.object_body_ids[obj_index]]).reshape(3, 3)

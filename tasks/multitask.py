@@ -378,8 +378,7 @@ class _Builder:
 
 # --- geometry shared by predicates and experts -------------------------------------------------------------
 def _pose(env, i: int) -> tuple[np.ndarray, np.ndarray]:
-    body = env.object_body_ids[i]
-    return np.array(env.sim.data.body_xpos[body]), np.array(env.sim.data.body_xmat[body]).reshape(3, 3)
+    return env.object_position(i), env.object_rotation(i)
 
 
 def in_box(point, box_pos, box_rot, margin: float = 0.0) -> bool:

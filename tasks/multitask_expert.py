@@ -92,8 +92,7 @@ class FlipExpert:
 
     # --- geometry ----------------------------------------------------------------------------------
     def _pot(self, env) -> tuple[np.ndarray, np.ndarray]:
-        body = env.object_body_ids[self.obj_index]
-        return np.array(env.sim.data.body_xpos[body]), np.array(env.sim.data.body_xmat[body]).reshape(3, 3)
+        return env.object_position(self.obj_index), env.object_rotation(self.obj_index)
 
     def _grasp_point(self, env) -> np.ndarray:
         """On the handle, GRASP_BELOW_TOP inside its outer end (the handle sticks out along the pot's x)."""

@@ -327,9 +327,8 @@ class FreeSpotPickPlace(PickPlaceExpert):
         the object's top *near the grasp point* allows (a plush toy lying on its side is grasped by
         its head, not a finger depth below its body's top)."""
         obj_point, axis, _half = self.candidates[self._candidate]
-        body = env.object_body_ids[self.obj_index]
-        rot = np.array(env.sim.data.body_xmat[body]).reshape(3, 3)
-        pos = np.array(env.sim.data.body_xpos[body]) + rot @ obj_point
+        rot = env.object_rotation(self.obj_index)
+        pos = env.object_position(self.obj_index) + rot @ obj_point
         boxes = _boxes(env, self.obj_index)
         near = np.all((boxes[:, 0, :2] < pos[:2] + 0.005) & (boxes[:, 1, :2] > pos[:2] - 0.005), axis=1)
         top = boxes[near, 1, 2].max() if near.any() else boxes[:, 1, 2].max()
@@ -338,8 +337,7 @@ class FreeSpotPickPlace(PickPlaceExpert):
         return np.array([pos[0], pos[1], z]), float(np.arctan2(close_dir[1], close_dir[0]))
 
     def choose_candidate(self, env) -> None:
-        body = env.object_body_ids[self.obj_index]
-        rot = np.array(env.sim.data.body_xmat[body]).reshape(3, 3)
+        rot = env.object_rotation(self.obj_index)
         scores = []
         lying = rot[2, 2] < 0.7
         for k, (_p, axis, half) in enumerate(self.candidates):
@@ -425,7 +423,7 @@ class _SortingExpert:
         """Objects tried less often first; then flat objects that lie flat before ones leaning on
         something (once that something is gone they lie flat too); then the highest top first."""
         flat = self.episode.categories[i] in ("glove", "hex_wrench")
-        up = float(np.array(env.sim.data.body_xmat[env.object_body_ids[i]])[8])
+        up = float(env.object_rotation(i)[2, 2])
         leaning = flat and abs(up) < 0.9
         return (self.runs.get(i, 0), leaning, -float(env.object_corners(i)[:, 2].max()), i)
 
