@@ -49,6 +49,11 @@ rest() {
   for split in seen mixed; do
     run --task bussing --split "$split" --episodes 50 "${ALL_VISUAL[@]}" --out "$out/bussing-$split-visual3"
   done
+  # the split demonstrations are collected on (its 24 instructions, three layouts each)
+  run --task novel_instruction --split train --episodes 72 --perturb distractors:3 --matched-control \
+      --out "$out/novel_instruction-train-distractors3"
+  run --task novel_instruction --split train --episodes 72 "${ALL_VISUAL[@]}" \
+      --out "$out/novel_instruction-train-visual3"
 }
 
 sorting() {
