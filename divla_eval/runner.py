@@ -8,11 +8,14 @@ fault marks that episode `error` (counted as a failure, with its traceback) and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,11 +258,10 @@ class RunSummary:
     records: list[EpisodeRecord]
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """Create `run_dir` (or check that it belongs to this config) and write its manifest."""
-    from divla_eval.envs.objects import library_hash
-    from divla_eval.tasks import get_task, task_options
+LOCK_FILE = ".divla-eval.lock"
 
+
+def _make_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{uuid.uuid4().hex[:8]}"
@@ -267,9 +269,42 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise DivlaEvalError(f"cannot write to output directory {run_dir}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock on the run directory while episodes run. Two processes resuming the same
+    directory would each run the missing episodes and append every one of them twice."""
+    _make_writable(run_dir)
+    with open(run_dir / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DivlaEvalError(
+                f"another divla-eval process is running episodes into {run_dir}: wait for it to finish "
+                "or pass another --out"
+            ) from None
+        yield
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Create `run_dir` (or check that it belongs to this config and task version) and write its
+    manifest."""
+    from divla_eval.envs.objects import library_hash
+    from divla_eval.tasks import get_task, task_options
+
+    _make_writable(run_dir)
     check_manifest_compatible(run_dir, cfg.as_dict())
-    if read_manifest(run_dir) is None:
-        task = get_task(cfg.task, **cfg.task_options)
+    task = get_task(cfg.task, **cfg.task_options)
+    manifest = read_manifest(run_dir)
+    if manifest is not None and manifest.get("task_version", task.version) != task.version:
+        # A changed task (a fixed expert, a new scene) is another experiment: one directory, one
+        # report, must not mix its episodes with the old version's.
+        raise DivlaEvalError(
+            f"{run_dir} holds episodes of {cfg.task} version {manifest['task_version']}, but this "
+            f"divla-eval runs version {task.version}: pass another --out to keep them apart"
+        )
+    if manifest is None:
         extra = {
             "run_id": uuid.uuid4().hex[:12],
             "task_version": task.version,
@@ -356,11 +391,7 @@ def run(
     Results do not depend on `workers`: every episode's seeds come from its name, and each record is
     written by this process as soon as its episode finishes.
     """
-    from tqdm import tqdm
-
-    from divla_eval.parallel import run_unordered
     from divla_eval.policy import TORCH_THREADS_ENV
-    from divla_eval.tasks import get_task
 
     # Learned policies run torch: give each worker process its share of the cores, not all of them
     # (oversubscribed threads made one DiVLA call several times slower here).
@@ -369,6 +400,16 @@ def run(
     validate(cfg)
     if workers < 1:
         raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
+    with exclusive(run_dir):
+        return _run_locked(cfg, run_dir, progress, video, workers)
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool, video: bool, workers: int) -> RunSummary:
+    from tqdm import tqdm
+
+    from divla_eval.parallel import run_unordered
+    from divla_eval.tasks import get_task
+
     prepare_run_dir(cfg, run_dir)
     manifest = read_manifest(run_dir)
     store = EpisodeStore(run_dir / "episodes.jsonl")

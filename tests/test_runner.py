@@ -151,3 +151,20 @@ def test_video_has_one_captioned_frame_per_step(tmp_path):
     assert len(frames) == 6
     assert frames[0].shape == (320 + 24, 320, 3)  # scaled up 10x, with the reasoning strip under it
     assert frames[0][-20:].mean() < 254  # the strip carries text, not just white
+
+
+def test_a_run_dir_in_use_or_of_another_task_version_is_refused(tmp_path):
+    from divla_eval.errors import DivlaEvalError
+
+    # two processes resuming one directory would each append the missing episodes
+    with runner.exclusive(tmp_path):
+        with pytest.raises(DivlaEvalError, match="another divla-eval process is running episodes"):
+            run(_cfg(episodes=1, max_steps=5), tmp_path, progress=False)
+    assert not (tmp_path / "episodes.jsonl").exists()
+    run(_cfg(episodes=1, max_steps=5), tmp_path, progress=False)  # the lock is released with its holder
+    # a directory written by an older version of the task is not resumed into
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "task_version": "0"}))
+    with pytest.raises(DivlaEvalError, match="holds episodes of bin_picking version 0, but this"):
+        run(_cfg(episodes=1, max_steps=5), tmp_path, progress=False)
+    assert len(EpisodeStore(tmp_path / "episodes.jsonl").load()) == 1
