@@ -407,7 +407,8 @@ def write_summary(root: Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else Path(root) / "summary.md"
     below = long[long["success_rate"] < 0.95]
     below_lines = [
-        f"- {r.task} {r.split} {r.difficulty} {r.policy} {_short_condition(r.perturbation)}: "
+        f"- {r.task} (version {r.task_version}) {r.split} {r.difficulty} {r.policy} {r.checkpoint} "
+        f"{_short_condition(r.perturbation)}: "
         f"{_pct(r.success_rate)} ({r.successes}/{r.n})"
         for r in below.itertuples()
     ]
