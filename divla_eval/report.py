@@ -307,8 +307,9 @@ def _short_condition(label: str) -> str:
 def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     """Every finished episode of every run directory under `root` (found by their episodes.jsonl).
 
-    An episode that two runs share (the same episode key, policy and checkpoint, e.g. a matched
-    control run twice) is counted once, so overlapping runs cannot inflate n.
+    An episode that two runs share (the same episode key, task version, policy and checkpoint, e.g. a
+    matched control run twice) is counted once, so overlapping runs cannot inflate n. The same episode
+    under another task version is another experiment and is kept.
     """
     root = Path(root)
     if not root.is_dir():
@@ -324,7 +325,7 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     if not frames:
         raise DivlaEvalError(f"the runs under {root} have no finished episodes yet")
     df = pd.concat(frames, ignore_index=True)
-    df = df.drop_duplicates(subset=["episode_key", "policy", "checkpoint_hash"], keep="first")
+    df = df.drop_duplicates(subset=["episode_key", "task_version", "policy", "checkpoint_hash"], keep="first")
     # A folder name is not an identity: the shipped checkpoint folder was overwritten by a retrained
     # model, and runs of both would share a row. The content hash tells them apart.
     hashes = df["checkpoint_hash"]
