@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from divla_eval.metrics import wilson_interval
-from divla_eval.report import _pct, load_runs, markdown_table
+from divla_eval.metrics import success_table
+from divla_eval.report import load_runs, markdown_table, rate_text
 
 MULTITASK_SUBTASKS = ("select_object", "flip_pot", "cube_to_colour_box", "cup_on_plate", "cube_in_box")
 
@@ -108,12 +108,10 @@ def _cell(episodes: pd.DataFrame, column: Column) -> str:
             return "-"
     else:
         rows = rows[rows["split"] == column.split]
-    n = len(rows)
-    if n == 0:
+    if rows.empty:
         return "-"
-    k = int((rows["success"].astype(bool) & (rows["status"] != "error")).sum())
-    lo, hi = wilson_interval(k, n)
-    return f"{k}/{n} = {_pct(k / n)} [{_pct(lo)}-{_pct(hi)}]"
+    counts = success_table(rows, []).iloc[0]  # an errored episode is a failure, as everywhere
+    return rate_text(int(counts["successes"]), int(counts["n"]))
 
 
 def paper_tables(df: pd.DataFrame) -> list[tuple[PaperTable, pd.DataFrame]]:

@@ -55,6 +55,12 @@ def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
+def rate_text(successes: int, n: int) -> str:
+    """``k/n = rate [Wilson 95% CI]``, the cell text of the comparison and paper tables."""
+    lo, hi = wilson_interval(successes, n)
+    return f"{successes}/{n} = {_pct(successes / n)} [{_pct(lo)}-{_pct(hi)}]"
+
+
 def _rates_for_display(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     out = table[list(by)].copy()
     out["n"] = table["n"]
@@ -358,7 +364,6 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
         only_a = int((g["success_a"] & ~g["success_b"]).sum())
         only_b = int((g["success_b"] & ~g["success_a"]).sum())
         n = len(g)
-        (la, ha), (lb, hb) = wilson_interval(sa, n), wilson_interval(sb, n)
         rows.append(
             {
                 "task": cond[0],
@@ -366,8 +371,8 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
                 "difficulty": cond[2],
                 "perturbation": cond[3],
                 "paired episodes": n,
-                "A": f"{sa}/{n} = {_pct(sa / n)} [{_pct(la)}-{_pct(ha)}]",
-                "B": f"{sb}/{n} = {_pct(sb / n)} [{_pct(lb)}-{_pct(hb)}]",
+                "A": rate_text(sa, n),
+                "B": rate_text(sb, n),
                 "both": int((g["success_a"] & g["success_b"]).sum()),
                 "only A": only_a,
                 "only B": only_b,

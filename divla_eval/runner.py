@@ -288,12 +288,11 @@ def exclusive(run_dir: Path) -> Iterator[None]:
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """Create `run_dir` (or check that it belongs to this config and task version) and write its
-    manifest."""
+    """Check that `run_dir` (made writable by `exclusive`, which holds it) belongs to this config and
+    task version, and write its manifest if it has none."""
     from divla_eval.envs.objects import library_hash
     from divla_eval.tasks import get_task, task_options
 
-    _make_writable(run_dir)
     check_manifest_compatible(run_dir, cfg.as_dict())
     task = get_task(cfg.task, **cfg.task_options)
     manifest = read_manifest(run_dir)

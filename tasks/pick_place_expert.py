@@ -88,7 +88,7 @@ class PickPlaceExpert:
         obj = env.scene.objects[self.obj_index]
         hint = obj.grasp_hint
         rot = env.object_rotation(self.obj_index)
-        pos = env.object_positions()[self.obj_index] + rot @ np.asarray(hint.offset)
+        pos = env.object_position(self.obj_index) + rot @ np.asarray(hint.offset)
         corners = env.object_corners(self.obj_index)
         hi = corners.max(axis=0)
         z = max(pos[2], hi[2] - FINGER_DEPTH, TABLE_TOP_Z + 0.012)
