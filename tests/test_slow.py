@@ -20,15 +20,25 @@ def test_random_policy_over_20_episodes_never_succeeds(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", [6, 45, 49])
-def test_sorting_expert_brings_objects_back_from_the_far_edge(tmp_path, index):
-    """The three failures of sorting version 1 in hard mixed with distractors: each stalled carrying
-    an object back from beyond x = 0.15 (tasks/sorting.py, version 2)."""
+@pytest.mark.parametrize(
+    ("split", "index", "perturbations"),
+    [
+        *[("mixed", i, (("distractors", 3),)) for i in (6, 45, 49)],
+        ("mixed", 32, ()),
+        ("seen", 36, ()),
+        *[("unseen", i, ()) for i in (34, 37, 39, 48)],
+    ],
+)
+def test_sorting_expert_on_hard_piles_that_locked_the_arm(split, index, perturbations):
+    """Hard episodes that sorting versions 1 and 2 failed with the arm locked straight at the far
+    edge, and unseen 34, which failed the same way before version 3's REACH (tasks/sorting.py,
+    ZONES). Version 3's layout changed their scenes, so this guards the expert on hard piles rather
+    than replaying the same scenes."""
     from divla_eval.envs.gym_env import DivlaEnv
     from divla_eval.tasks.base import EpisodeSpec
 
-    env = DivlaEnv(task="sorting", split="mixed", difficulty="hard", cameras=(), run_seed=0)
-    env.reset(options={"episode": EpisodeSpec("sorting", "mixed", index, 0, "hard", (("distractors", 3),))})
+    env = DivlaEnv(task="sorting", split=split, difficulty="hard", cameras=(), run_seed=0)
+    env.reset(options={"episode": EpisodeSpec("sorting", split, index, 0, "hard", perturbations)})
     done, info = False, {}
     while not done:
         terminated, truncated, info = env.advance(env.episode.expert(env.sim).action)

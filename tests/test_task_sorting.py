@@ -216,3 +216,27 @@ def test_step_budget_follows_the_episode_difficulty():
         assert env.max_steps == 7  # a user's --max-steps wins
     finally:
         env.close()
+
+
+def test_expert_grasps_a_far_toy_car_by_its_near_end(env):
+    """Beyond REACH the arm locks straight (tasks/sorting.py, ZONES); the expert takes such an
+    object by its near end instead of its centre."""
+    from divla_eval.tasks.sorting import ROBOT_BASE_XY, FreeSpotPickPlace, grasp_candidates
+
+    env.reset(options={"episode": _spec(0)})
+    car = env.episode.categories.index("toy_car")
+    _place(env, car, (0.20, -0.25))  # its length along x, pointing away from the robot
+    centre = env.sim.object_position(car)
+    base = np.array(ROBOT_BASE_XY)
+    assert np.linalg.norm(centre[:2] - base) > 0.75
+    expert = FreeSpotPickPlace(
+        obj_index=car,
+        goal_xy=ZONES["toy_car"],
+        release_z=TABLE_TOP_Z + 0.12,
+        candidates=grasp_candidates(env.episode.specs[car], env.sim.scene.objects[car].grasp_hint),
+    )
+    expert.choose_candidate(env.sim)
+    point, _yaw = expert._grasp_target(env.sim)
+    lo, hi = env.sim.object_corners(car).min(axis=0), env.sim.object_corners(car).max(axis=0)
+    assert np.linalg.norm(point[:2] - base) < np.linalg.norm(centre[:2] - base) - 0.02  # moved nearer
+    assert np.all(point[:2] > lo[:2] + 0.01) and np.all(point[:2] < hi[:2] - 0.01)  # still on the car
