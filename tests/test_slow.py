@@ -24,15 +24,16 @@ def test_random_policy_over_20_episodes_never_succeeds(tmp_path):
     ("split", "index", "perturbations"),
     [
         *[("mixed", i, (("distractors", 3),)) for i in (6, 45, 49)],
-        ("mixed", 32, ()),
+        *[("mixed", i, ()) for i in (23, 32)],
         ("seen", 36, ()),
         *[("unseen", i, ()) for i in (34, 37, 39, 48)],
     ],
 )
 def test_sorting_expert_on_hard_piles_that_locked_the_arm(split, index, perturbations):
     """Hard episodes that sorting versions 1 and 2 failed with the arm locked straight at the far
-    edge, and unseen 34, which failed the same way before version 3's REACH (tasks/sorting.py,
-    ZONES). Version 3's layout changed their scenes, so this guards the expert on hard piles rather
+    edge, unseen 34, which failed the same way before version 3's REACH (tasks/sorting.py, ZONES),
+    and mixed 23, which version 3 failed chasing a car caught in the open fingers (GRASP_MAX_HEIGHT).
+    Version 3's layout changed the older ones' scenes, so this guards the expert on hard piles rather
     than replaying the same scenes."""
     from divla_eval.envs.gym_env import DivlaEnv
     from divla_eval.tasks.base import EpisodeSpec

@@ -240,3 +240,24 @@ def test_expert_grasps_a_far_toy_car_by_its_near_end(env):
     lo, hi = env.sim.object_corners(car).min(axis=0), env.sim.object_corners(car).max(axis=0)
     assert np.linalg.norm(point[:2] - base) < np.linalg.norm(centre[:2] - base) - 0.02  # moved nearer
     assert np.all(point[:2] > lo[:2] + 0.01) and np.all(point[:2] < hi[:2] - 0.01)  # still on the car
+
+
+def test_expert_does_not_chase_an_object_above_the_pile(env):
+    """An object caught in the open fingers rises with the hand; the grasp point must not follow it
+    up (tasks/sorting.py, GRASP_MAX_HEIGHT)."""
+    from divla_eval.tasks.sorting import GRASP_MAX_HEIGHT, FreeSpotPickPlace, grasp_candidates
+
+    env.reset(options={"episode": _spec(0)})
+    car = env.episode.categories.index("toy_car")
+    obj = env.sim.scene.objects[car]
+    env.sim.sim.data.set_joint_qpos(obj.joints[0], np.array([0.0, -0.1, TABLE_TOP_Z + 0.5, 1, 0, 0, 0]))
+    env.sim.sim.forward()
+    expert = FreeSpotPickPlace(
+        obj_index=car,
+        goal_xy=ZONES["toy_car"],
+        release_z=TABLE_TOP_Z + 0.12,
+        candidates=grasp_candidates(env.episode.specs[car], obj.grasp_hint),
+    )
+    expert.choose_candidate(env.sim)
+    point, _yaw = expert._grasp_target(env.sim)
+    assert point[2] == pytest.approx(TABLE_TOP_Z + GRASP_MAX_HEIGHT)
