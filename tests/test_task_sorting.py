@@ -218,39 +218,15 @@ def test_step_budget_follows_the_episode_difficulty():
         env.close()
 
 
-def test_expert_grasps_a_far_toy_car_by_its_near_end(env):
-    """Beyond REACH the arm locks straight (tasks/sorting.py, ZONES); the expert takes such an
-    object by its near end instead of its centre."""
-    from divla_eval.tasks.sorting import ROBOT_BASE_XY, FreeSpotPickPlace, grasp_candidates
-
-    env.reset(options={"episode": _spec(0)})
-    car = env.episode.categories.index("toy_car")
-    _place(env, car, (0.20, -0.25))  # its length along x, pointing away from the robot
-    centre = env.sim.object_position(car)
-    base = np.array(ROBOT_BASE_XY)
-    assert np.linalg.norm(centre[:2] - base) > 0.75
-    expert = FreeSpotPickPlace(
-        obj_index=car,
-        goal_xy=ZONES["toy_car"],
-        release_z=TABLE_TOP_Z + 0.12,
-        candidates=grasp_candidates(env.episode.specs[car], env.sim.scene.objects[car].grasp_hint),
-    )
-    expert.choose_candidate(env.sim)
-    point, _yaw = expert._grasp_target(env.sim)
-    lo, hi = env.sim.object_corners(car).min(axis=0), env.sim.object_corners(car).max(axis=0)
-    assert np.linalg.norm(point[:2] - base) < np.linalg.norm(centre[:2] - base) - 0.02  # moved nearer
-    assert np.all(point[:2] > lo[:2] + 0.01) and np.all(point[:2] < hi[:2] - 0.01)  # still on the car
-
-
-def test_expert_does_not_chase_an_object_above_the_pile(env):
-    """An object caught in the open fingers rises with the hand; the grasp point must not follow it
-    up (tasks/sorting.py, GRASP_MAX_HEIGHT)."""
-    from divla_eval.tasks.sorting import GRASP_MAX_HEIGHT, FreeSpotPickPlace, grasp_candidates
+def _car_grasp_point(env, qpos_xyz):
+    """Put episode 0's toy car at `qpos_xyz` (unrotated) and return it with the grasp point the
+    sorting expert's controller would aim at."""
+    from divla_eval.tasks.sorting import FreeSpotPickPlace, grasp_candidates
 
     env.reset(options={"episode": _spec(0)})
     car = env.episode.categories.index("toy_car")
     obj = env.sim.scene.objects[car]
-    env.sim.sim.data.set_joint_qpos(obj.joints[0], np.array([0.0, -0.1, TABLE_TOP_Z + 0.5, 1, 0, 0, 0]))
+    env.sim.sim.data.set_joint_qpos(obj.joints[0], np.array([*qpos_xyz, 1, 0, 0, 0]))
     env.sim.sim.forward()
     expert = FreeSpotPickPlace(
         obj_index=car,
@@ -260,4 +236,28 @@ def test_expert_does_not_chase_an_object_above_the_pile(env):
     )
     expert.choose_candidate(env.sim)
     point, _yaw = expert._grasp_target(env.sim)
+    return car, point
+
+
+def test_expert_grasps_a_far_toy_car_by_its_near_end(env):
+    """Beyond REACH the arm locks straight (tasks/sorting.py, ZONES); the expert takes such an
+    object by its near end instead of its centre."""
+    from divla_eval.tasks.sorting import ROBOT_BASE_XY
+
+    # lying on the table, its length along x, pointing away from the robot
+    car, point = _car_grasp_point(env, (0.20, -0.25, TABLE_TOP_Z + 0.02))
+    centre = env.sim.object_position(car)
+    base = np.array(ROBOT_BASE_XY)
+    assert np.linalg.norm(centre[:2] - base) > 0.75
+    lo, hi = env.sim.object_corners(car).min(axis=0), env.sim.object_corners(car).max(axis=0)
+    assert np.linalg.norm(point[:2] - base) < np.linalg.norm(centre[:2] - base) - 0.02  # moved nearer
+    assert np.all(point[:2] > lo[:2] + 0.01) and np.all(point[:2] < hi[:2] - 0.01)  # still on the car
+
+
+def test_expert_does_not_chase_an_object_above_the_pile(env):
+    """An object caught in the open fingers rises with the hand; the grasp point must not follow it
+    up (tasks/sorting.py, GRASP_MAX_HEIGHT)."""
+    from divla_eval.tasks.sorting import GRASP_MAX_HEIGHT
+
+    _car, point = _car_grasp_point(env, (0.0, -0.1, TABLE_TOP_Z + 0.5))
     assert point[2] == pytest.approx(TABLE_TOP_Z + GRASP_MAX_HEIGHT)
