@@ -54,14 +54,14 @@ ZONES: dict[str, tuple[float, float]] = {
 }
 """Area centres, and with PILE_CENTER the layout that version 3 moved 4 cm towards the robot.
 
-With its gripper pointing straight down, the arm (base at ROBOT_BASE_XY) holds a bent elbow up to
+With its gripper pointing straight down, the arm (base at x = -0.56, y = 0) holds a bent elbow up to
 about 0.73 m from its base, horizontally, low over the table (0.76 m at the carry height). Further
 out it swings into a pose with the shoulder at its limit and the elbow straight against its own, and
 no end-effector command brings it out: the elbow stays locked while the hand tilts or stalls (traced
 on a saved state of hard unseen episode 34: translation with and without the tilt correction,
 down, up, back). In version 2 the far areas' edges (x = 0.14) lay at that distance, so an object
 knocked just beyond them or set down on the far side of its area was fetched with the arm locked
-(version 2 failed 5 of 250 hard episodes; the three traced, mixed 32 and unseen 37 and 39, ran out
+(version 2 failed 6 of 250 hard episodes, 5 scenes; the three traced, mixed 32 and unseen 37 and 39, ran out
 of steps that way). As near as x = -0.25 the arm still tracks low targets exactly."""
 ZONE_RGBA = {
     "glove": (0.55, 0.75, 0.55, 1.0),
@@ -70,17 +70,15 @@ ZONE_RGBA = {
     "hex_wrench": (0.50, 0.65, 0.90, 1.0),
 }
 PILE_CENTER = (-0.06, 0.0)
-ROBOT_BASE_XY = (-0.56, 0.0)
-"""robosuite's Panda base on a 0.8 m table: x = -0.16 - 0.8 / 2."""
 REACH = 0.73
 """Horizontal distance from the base beyond which the expert does not grasp (see ZONES): it takes
 an object lying further out by its near end instead."""
 REACH_GRIP_MARGIN = 0.015
+"""How much of the object stays between the grasp point and its near end."""
 GRASP_MAX_HEIGHT = 0.10
 """The highest grasp point above the table (a pile's tops stay below it). Only an object caught
 between the open fingers lies higher: its approach point, 10 cm above it, rose with the hand, and
 the arm climbed 1 m above the table chasing it (hard mixed episode 23, version 3)."""
-"""How much of the object stays between the grasp point and its near end."""
 PILE_HALF = {"easy": (0.10, 0.085), "hard": (0.095, 0.08)}
 PILE_MAX_BASE = 0.045
 """In `hard`, an object may be dropped onto others whose tops are at most this high above the table."""
@@ -362,7 +360,7 @@ class FreeSpotPickPlace(PickPlaceExpert):
         than the object extends. A toy car knocked out to 0.78 m was otherwise grasped at its centre
         with the arm locked straight, and carried 2 cm in 120 steps, five times over (hard unseen
         episode 34 with this layout)."""
-        rel = pos[:2] - np.array(ROBOT_BASE_XY)
+        rel = pos[:2] - np.asarray(env.robots[self.robot].base_pos[:2])
         excess = float(np.linalg.norm(rel)) - REACH
         if excess <= 0:
             return pos

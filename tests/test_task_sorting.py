@@ -242,12 +242,10 @@ def _car_grasp_point(env, qpos_xyz):
 def test_expert_grasps_a_far_toy_car_by_its_near_end(env):
     """Beyond REACH the arm locks straight (tasks/sorting.py, ZONES); the expert takes such an
     object by its near end instead of its centre."""
-    from divla_eval.tasks.sorting import ROBOT_BASE_XY
-
     # lying on the table, its length along x, pointing away from the robot
     car, point = _car_grasp_point(env, (0.20, -0.25, TABLE_TOP_Z + 0.02))
     centre = env.sim.object_position(car)
-    base = np.array(ROBOT_BASE_XY)
+    base = np.asarray(env.sim.robots[0].base_pos[:2])
     assert np.linalg.norm(centre[:2] - base) > 0.75
     lo, hi = env.sim.object_corners(car).min(axis=0), env.sim.object_corners(car).max(axis=0)
     assert np.linalg.norm(point[:2] - base) < np.linalg.norm(centre[:2] - base) - 0.02  # moved nearer
