@@ -1,41 +1,44 @@
 #!/usr/bin/env bash
 # The baselines trained on the same demonstrations with the same budget as the DiVLA reference of the
-# task (7000 steps of batch 32, one torch thread), then evaluated like it.
+# task (7000 steps of batch 32, one torch thread), then evaluated on the same cells.
 #
-#   scripts/baseline_reference.sh [openvla|octo|diffusion_policy ...]   (default: all three)
-#   TASK=multitask scripts/baseline_reference.sh [...]
-#
-# bin_picking (default): the 300 seen demos of scripts/divla_reference.sh, then the 102 unseen objects.
-# multitask: the 5 x 60 demos of scripts/divla_multitask.sh (one model for the five sub-tasks), then
-# 100 episodes per sub-task. Run the DiVLA script of the task first: it collects the demos.
-# Training resumes from its last checkpoint and evaluation from its last episode when rerun.
+#   [TASK=T] [STAGE=S] scripts/baseline_reference.sh [openvla|octo|diffusion_policy ...]
+#       (default: all three policies)
+#   TASK: bin_picking (default; the 102 unseen objects), multitask (100 episodes per sub-task),
+#         sorting (easy/hard x seen/mixed), bussing (seen, mixed); see scripts/lib/recipes.sh
+#   STAGE: train, eval, eval-visual (multitask or bin picking again under distractors, background
+#          and lighting at level 3), or all; default: train and eval
+#   EPISODES=N episodes per cell (default 100; bin picking: all 102); WORKERS=N (default 2)
+# Run DiVLA's script of the task first: it collects the demos. Training resumes from its last
+# checkpoint and evaluation from its last episode when rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/recipes.sh
 task=${TASK:-bin_picking}
+stage=${STAGE:-default}
+recipe "$task"
 policies=("$@")
 [ ${#policies[@]} -eq 0 ] && policies=(openvla octo diffusion_policy)
-SUBTASKS=(select_object flip_pot cube_to_colour_box cup_on_plate cube_in_box)
-case "$task" in
-  bin_picking) demos=(--demos data/bin_picking-seen-300-v2.hdf5); tag=bp-v2 ;;
-  multitask)
-    demos=()
-    for t in "${SUBTASKS[@]}"; do demos+=(--demos "data/multitask-$t-60.hdf5"); done
-    tag=multitask ;;
-  *) echo "TASK must be bin_picking or multitask, not '$task'" >&2; exit 2 ;;
-esac
+demos=()
+for f in "${demo_files[@]}"; do demos+=(--demos "$f"); done
 for policy in "${policies[@]}"; do
   out=runs/train/$policy-$tag-7k
-  .venv/bin/divla-eval train --policy "$policy" --task "$task" "${demos[@]}" --out "$out" \
-      --steps 7000 --threads 1
-  if [[ $task == bin_picking ]]; then
-    .venv/bin/divla-eval run --task bin_picking --objects unseen --policy "$policy" --checkpoint "$out" \
-        --workers "${WORKERS:-2}" --out "results/$policy/bin_picking-unseen-7k"
-    .venv/bin/divla-eval report "results/$policy/bin_picking-unseen-7k"
-  else
-    for t in "${SUBTASKS[@]}"; do
-      .venv/bin/divla-eval run --task multitask --split "$t" --episodes 100 --policy "$policy" \
-          --checkpoint "$out" --workers "${WORKERS:-2}" --no-progress --out "results/$policy/multitask-$t-7k"
-      .venv/bin/divla-eval report "results/$policy/multitask-$t-7k"
+  if [[ $stage == train || $stage == all || $stage == default ]]; then
+    require_demos
+    .venv/bin/divla-eval train --policy "$policy" --task "$task" "${demos[@]}" --out "$out" \
+        --steps 7000 --threads 1
+  fi
+  if [[ $stage == eval || $stage == all || $stage == default ]]; then
+    for cell in "${cells[@]}"; do
+      run_cell "$task" "$cell" "$policy" "$out" "results/$policy/$task-$(cell_name "$cell")-7k"
+    done
+  fi
+  if [[ $stage == eval-visual || $stage == all ]]; then
+    for pert in "${VISUAL_CONDITIONS[@]}"; do
+      for cell in "${cells[@]}"; do
+        run_cell "$task" "$cell" "$policy" "$out" \
+            "results/$policy/$task-$(cell_name "$cell")-${pert}3-7k" --perturb "$pert:3"
+      done
     done
   fi
 done

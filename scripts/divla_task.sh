@@ -8,32 +8,29 @@
 #       bussing: 300 demos on seen objects (the two-arm head); evaluated on seen and mixed
 #   EPISODES=N (default 100) episodes per evaluation cell; WORKERS=N (default 2) processes for
 #   demos and evaluation; NOINJ=1 the reasoning-injection ablation on the same demos.
-# The baselines train on the same files: `divla-eval train --policy NAME --task TASK --demos ...`.
+# The baselines train on the same files and run the same cells: TASK=sorting scripts/baseline_reference.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/recipes.sh
 task=${1:?usage: scripts/divla_task.sh sorting|bussing [demos|train|eval|all]}
 stage=${2:-all}
 workers=${WORKERS:-2}
-episodes=${EPISODES:-100}
 case "$task" in
   sorting)
-    demo_files=(data/sorting-easy-seen-150.hdf5 data/sorting-hard-seen-150.hdf5)
     collect() {
       for d in easy hard; do
         .venv/bin/divla-eval collect --task sorting --difficulty "$d" --split seen --episodes 150 \
             --out "data/sorting-$d-seen-150.hdf5" --workers "$workers" --no-progress
       done
-    }
-    cells=("easy seen" "easy mixed" "hard seen" "hard mixed") ;;
+    } ;;
   bussing)
-    demo_files=(data/bussing-seen-300.hdf5)
     collect() {
-      .venv/bin/divla-eval collect --task bussing --split seen --episodes 300 --out "${demo_files[0]}" \
-          --workers "$workers" --no-progress
-    }
-    cells=("- seen" "- mixed") ;;
+      .venv/bin/divla-eval collect --task bussing --split seen --episodes 300 \
+          --out data/bussing-seen-300.hdf5 --workers "$workers" --no-progress
+    } ;;
   *) echo "task must be sorting or bussing, not '$task'" >&2; exit 2 ;;
 esac
+recipe "$task"
 name=divla-$task
 options=(--option diffusion_samples=8 --option alpha=1.0)
 if [[ ${NOINJ:-0} == 1 ]]; then
@@ -47,17 +44,12 @@ train_cmd=(.venv/bin/divla-eval train --policy divla --task "$task" "${demos[@]}
 
 if [[ $stage == demos || $stage == all ]]; then collect; fi
 if [[ $stage == train || $stage == all ]]; then
+  require_demos
   "${train_cmd[@]}"
   .venv/bin/python scripts/ship_checkpoint.py "runs/train/$name" "checkpoints/$name" --command "${train_cmd[*]}"
 fi
 if [[ $stage == eval || $stage == all ]]; then
   for cell in "${cells[@]}"; do
-    read -r difficulty split <<<"$cell"
-    level=(); tag=$split
-    if [[ $difficulty != - ]]; then level=(--difficulty "$difficulty"); tag=$difficulty-$split; fi
-    .venv/bin/divla-eval run --task "$task" "${level[@]}" --split "$split" --episodes "$episodes" \
-        --policy divla --checkpoint "checkpoints/$name" --workers "$workers" --no-progress \
-        --out "results/divla/${name#divla-}-$tag"
-    .venv/bin/divla-eval report "results/divla/${name#divla-}-$tag"
+    run_cell "$task" "$cell" divla "checkpoints/$name" "results/divla/${name#divla-}-$(cell_name "$cell")"
   done
 fi
