@@ -1,0 +1,118 @@
+"""Do a run's successes last once the robot stops?
+
+A task declares success on the first step whose state passes its check (the cube between the box's
+walls, the pot within 20 degrees of upright, slower than 5 cm/s), and the episode ends there. A
+state can pass while it is still changing: a pot pushed upright is judged while it still turns. To
+show that such successes are real, `check_run` re-runs each successful episode of a run directory
+(episodes are deterministic for a run seed), then freezes the robot for `hold` steps (no motion,
+each gripper as last commanded, so a held object stays held) and judges the task again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from divla_eval.errors import DivlaEvalError
+
+HOLD_STEPS = 40  # 2 s at the 20 Hz control rate
+
+
+@dataclass(frozen=True)
+class Persistence:
+    episode_key: str
+    recorded_steps: int
+    rerun_steps: int
+    reproduced: bool
+    """The re-run succeeded too, at the recorded step."""
+    persists: bool
+    """Still a success after the frozen steps."""
+
+
+class _Recording:
+    """The env as `run_episode` uses it, remembering the last action it executed."""
+
+    def __init__(self, env) -> None:
+        self._env = env
+        self.last_action: np.ndarray | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def advance(self, action):
+        self.last_action = np.array(action, dtype=np.float64)
+        return self._env.advance(action)
+
+
+def frozen_action(last_action: np.ndarray) -> np.ndarray:
+    """No translation or rotation for any arm; each gripper keeps its last command."""
+    from divla_eval.envs.gym_env import ACTION_DIM
+
+    action = np.zeros_like(last_action)
+    action[ACTION_DIM - 1 :: ACTION_DIM] = last_action[ACTION_DIM - 1 :: ACTION_DIM]
+    return action
+
+
+def run_config(manifest: dict):
+    """The RunConfig a manifest was written for (the same episodes, seeds and policy)."""
+    from divla_eval.runner import RunConfig
+
+    c = manifest["config"]
+    return RunConfig(
+        task=c["task"],
+        split=c["split"],
+        policy=c["policy"],
+        episodes=c["episodes"],
+        seed=c["seed"],
+        difficulty=c.get("difficulty"),
+        perturbations=tuple((str(n), int(lvl)) for n, lvl in c.get("perturbations", [])),
+        checkpoint=c.get("checkpoint"),
+        image_size=c.get("image_size", 84),
+        max_steps=c.get("max_steps"),
+        task_options=c.get("task_options") or {},
+        matched_control=bool(c.get("matched_control", False)),
+        policy_options=c.get("policy_options") or {},
+    )
+
+
+def check_run(run_dir: Path, hold: int = HOLD_STEPS, progress: bool = True) -> list[Persistence]:
+    """Re-run the successful episodes of `run_dir` and judge each again after `hold` frozen steps."""
+    from tqdm import tqdm
+
+    from divla_eval.records import EpisodeStore, read_manifest
+    from divla_eval.runner import EpisodeWorker, plan_episodes, run_episode
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise DivlaEvalError(f"{run_dir} is not a run directory (no manifest.json)")
+    cfg = run_config(manifest)
+    wins = {r.episode_key: r for r in EpisodeStore(run_dir / "episodes.jsonl").load() if r.success}
+    specs = [s for s in plan_episodes(cfg) if s.key in wins]
+    worker = EpisodeWorker(cfg, run_dir, video=False)
+    results = []
+    try:
+        for spec in tqdm(specs, disable=not progress, unit="ep", desc="re-run"):
+            env = _Recording(worker.env)
+            outcome = run_episode(env, spec, worker.policy)
+            held = outcome["success"]
+            if env.last_action is not None:
+                frozen = frozen_action(env.last_action)
+                for _ in range(hold):
+                    _, _, info = worker.env.advance(frozen)
+                    held = bool(info["success"])
+            recorded = wins[spec.key].steps
+            results.append(
+                Persistence(
+                    episode_key=spec.key,
+                    recorded_steps=recorded,
+                    rerun_steps=outcome["steps"],
+                    reproduced=outcome["success"] and outcome["steps"] == recorded,
+                    persists=outcome["success"] and held,
+                )
+            )
+    finally:
+        worker.close()
+    return results
