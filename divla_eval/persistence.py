@@ -5,7 +5,7 @@ walls, the pot within 20 degrees of upright, slower than 5 cm/s), and the episod
 state can pass while it is still changing: a pot pushed upright is judged while it still turns. To
 show that such successes are real, `check_run` re-runs each successful episode of a run directory
 (episodes are deterministic for a run seed), then freezes the robot for `hold` steps (no motion,
-each gripper as last commanded, so a held object stays held) and judges the task again.
+each gripper as it is, so a held object stays held) and judges the task again.
 """
 
 from __future__ import annotations
@@ -31,28 +31,12 @@ class Persistence:
     """Still a success after the frozen steps."""
 
 
-class _Recording:
-    """The env as `run_episode` uses it, remembering the last action it executed."""
-
-    def __init__(self, env) -> None:
-        self._env = env
-        self.last_action: np.ndarray | None = None
-
-    def __getattr__(self, name):
-        return getattr(self._env, name)
-
-    def advance(self, action):
-        self.last_action = np.array(action, dtype=np.float64)
-        return self._env.advance(action)
-
-
-def frozen_action(last_action: np.ndarray) -> np.ndarray:
-    """No translation or rotation for any arm; each gripper keeps its last command."""
-    from divla_eval.envs.gym_env import ACTION_DIM
-
-    action = np.zeros_like(last_action)
-    action[ACTION_DIM - 1 :: ACTION_DIM] = last_action[ACTION_DIM - 1 :: ACTION_DIM]
-    return action
+def frozen_action(action_dim: int) -> np.ndarray:
+    """No translation or rotation for any arm, and a zero gripper command. robosuite's Panda gripper
+    moves its fingers' target by sign(command) x 0.2 per step, so 0 keeps each gripper as it is: a held
+    object stays held. (Repeating the last command instead would keep closing a hand that was closing,
+    which grasped an upright pot in two of OpenVLA's flips and turned them into failures.)"""
+    return np.zeros(action_dim)
 
 
 def run_config(manifest: dict):
@@ -95,14 +79,12 @@ def check_run(run_dir: Path, hold: int = HOLD_STEPS, progress: bool = True) -> l
     results = []
     try:
         for spec in tqdm(specs, disable=not progress, unit="ep", desc="re-run"):
-            env = _Recording(worker.env)
-            outcome = run_episode(env, spec, worker.policy)
+            outcome = run_episode(worker.env, spec, worker.policy)
             held = outcome["success"]
-            if env.last_action is not None:
-                frozen = frozen_action(env.last_action)
-                for _ in range(hold):
-                    _, _, info = worker.env.advance(frozen)
-                    held = bool(info["success"])
+            frozen = frozen_action(worker.env.action_space.shape[0])
+            for _ in range(hold):
+                _, _, info = worker.env.advance(frozen)
+                held = bool(info["success"])
             recorded = wins[spec.key].steps
             results.append(
                 Persistence(
