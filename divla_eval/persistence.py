@@ -39,49 +39,27 @@ def frozen_action(action_dim: int) -> np.ndarray:
     return np.zeros(action_dim)
 
 
-def run_config(manifest: dict):
-    """The RunConfig a manifest was written for (the same episodes, seeds and policy)."""
-    from divla_eval.runner import RunConfig
-
-    c = manifest["config"]
-    return RunConfig(
-        task=c["task"],
-        split=c["split"],
-        policy=c["policy"],
-        episodes=c["episodes"],
-        seed=c["seed"],
-        difficulty=c.get("difficulty"),
-        perturbations=tuple((str(n), int(lvl)) for n, lvl in c.get("perturbations", [])),
-        checkpoint=c.get("checkpoint"),
-        image_size=c.get("image_size", 84),
-        max_steps=c.get("max_steps"),
-        task_options=c.get("task_options") or {},
-        matched_control=bool(c.get("matched_control", False)),
-        policy_options=c.get("policy_options") or {},
-    )
-
-
 def check_run(run_dir: Path, hold: int = HOLD_STEPS, progress: bool = True) -> list[Persistence]:
     """Re-run the successful episodes of `run_dir` and judge each again after `hold` frozen steps."""
     from tqdm import tqdm
 
     from divla_eval.records import EpisodeStore, read_manifest
-    from divla_eval.runner import EpisodeWorker, plan_episodes, run_episode
+    from divla_eval.runner import EpisodeWorker, RunConfig, plan_episodes, run_episode
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise DivlaEvalError(f"{run_dir} is not a run directory (no manifest.json)")
-    cfg = run_config(manifest)
+    cfg = RunConfig.from_dict(manifest["config"])
     wins = {r.episode_key: r for r in EpisodeStore(run_dir / "episodes.jsonl").load() if r.success}
     specs = [s for s in plan_episodes(cfg) if s.key in wins]
     worker = EpisodeWorker(cfg, run_dir, video=False)
+    frozen = frozen_action(worker.env.action_space.shape[0])
     results = []
     try:
         for spec in tqdm(specs, disable=not progress, unit="ep", desc="re-run"):
             outcome = run_episode(worker.env, spec, worker.policy)
             held = outcome["success"]
-            frozen = frozen_action(worker.env.action_space.shape[0])
             for _ in range(hold):
                 _, _, info = worker.env.advance(frozen)
                 held = bool(info["success"])

@@ -70,6 +70,14 @@ class RunConfig:
             del d["policy_options"]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """The config a manifest's `config` (an `as_dict`) was written from: same episodes and seeds."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["perturbations"] = tuple((str(n), int(lvl)) for n, lvl in d.get("perturbations", []))
+        return cls(**kwargs)
+
 
 def plan_episodes(cfg: RunConfig):
     from divla_eval.tasks.base import EpisodeSpec

@@ -168,3 +168,10 @@ def test_a_run_dir_in_use_or_of_another_task_version_is_refused(tmp_path):
     with pytest.raises(DivlaEvalError, match="holds episodes of bin_picking version 0, but this"):
         run(_cfg(episodes=1, max_steps=5), tmp_path, progress=False)
     assert len(EpisodeStore(tmp_path / "episodes.jsonl").load()) == 1
+
+
+def test_run_config_round_trips_through_its_manifest_form():
+    cfg = _cfg(episodes=3, perturbations=(("distractors", 3),), policy_options={"reasoning_every": 4})
+    again = RunConfig.from_dict(json.loads(json.dumps(cfg.as_dict())))
+    assert again == cfg
+    assert runner.plan_episodes(again) == runner.plan_episodes(cfg)

@@ -62,7 +62,7 @@ require_demos() {
       echo "missing $f: collect the demonstrations first with DiVLA's script of the task:" \
            "scripts/divla_reference.sh (bin_picking), scripts/divla_multitask.sh demos," \
            "scripts/divla_task.sh sorting|bussing demos" >&2
-      return 1
+      return 2
     fi
   done
 }
