@@ -1,0 +1,106 @@
+"""One multitask model under the paper's visual conditions, as the README's tables give it.
+
+    .venv/bin/python scripts/multitask_conditions.py results/divla/multitask [--suffix -7k]
+        [--against results/divla/multitask-noinj [--against-suffix S]]
+
+Reads PREFIX-<sub-task>[-<condition>3]SUFFIX/episodes.jsonl and prints, per sub-task and condition,
+successes with the mean per-episode reasoning accuracy (exact phrase); the pooled row with Wilson 95%
+intervals; per condition the pooled reasoning accuracy and words per reasoning call; and each
+condition paired with the unperturbed episodes (same episode index) with the exact McNemar p; with
+--against, each condition paired with another model's runs of the same episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+from divla_eval.metrics import mcnemar_exact, wilson_interval
+from divla_eval.records import EpisodeStore
+
+SUBTASKS = ("select_object", "flip_pot", "cube_to_colour_box", "cup_on_plate", "cube_in_box")
+CONDITIONS = ("", "-distractors3", "-background3", "-lighting3")
+
+
+def _trace(record) -> list[dict]:
+    trace = record.reasoning_trace
+    return ast.literal_eval(trace) if isinstance(trace, str) else list(trace or [])
+
+
+def _load(prefix: str, suffix: str) -> dict:
+    runs = {}
+    for sub in SUBTASKS:
+        for cond in CONDITIONS:
+            path = Path(f"{prefix}-{sub}{cond}{suffix}") / "episodes.jsonl"
+            if path.exists():
+                runs[sub, cond] = {r.episode_index: r for r in EpisodeStore(path).load()}
+    return runs
+
+
+def _paired(a_runs: dict, a_cond: str, b_runs: dict, b_cond: str) -> str:
+    only_a = only_b = 0
+    for sub in SUBTASKS:
+        a, b = a_runs.get((sub, a_cond), {}), b_runs.get((sub, b_cond), {})
+        for i in a.keys() & b.keys():
+            only_a += a[i].success and not b[i].success
+            only_b += b[i].success and not a[i].success
+    return f"{only_a} / {only_b}, McNemar p = {mcnemar_exact(only_a, only_b):.2g}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("prefix")
+    parser.add_argument("--suffix", default="")
+    parser.add_argument("--against", help="another model's prefix, paired condition by condition")
+    parser.add_argument("--against-suffix", default="")
+    args = parser.parse_args()
+    runs = _load(args.prefix, args.suffix)
+    if not runs:
+        print(
+            f"error: no run directories {args.prefix}-<sub-task>[-<condition>3]{args.suffix}", file=sys.stderr
+        )
+        return 2
+    print("| sub-task | " + " | ".join(c.strip("-") or "in distribution" for c in CONDITIONS) + " |")
+    print("|---" * (len(CONDITIONS) + 1) + "|")
+    for sub in SUBTASKS:
+        cells = []
+        for cond in CONDITIONS:
+            recs = list(runs.get((sub, cond), {}).values())
+            if not recs:
+                cells.append("-")
+                continue
+            acc = sum(r.reasoning_accuracy or 0.0 for r in recs) / len(recs)
+            cells.append(f"{sum(r.success for r in recs)}/{len(recs)} ({100 * acc:.1f}%)")
+        print(f"| {sub} | " + " | ".join(cells) + " |")
+    pooled, notes = [], []
+    for cond in CONDITIONS:
+        recs = [r for sub in SUBTASKS for r in runs.get((sub, cond), {}).values()]
+        if not recs:
+            pooled.append("-")
+            continue
+        k, n = sum(r.success for r in recs), len(recs)
+        lo, hi = wilson_interval(k, n)
+        pooled.append(f"{k}/{n} = {100 * k / n:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}%)")
+        words = [len(e["text"].split()) for r in recs for e in _trace(r)]
+        acc = sum(r.reasoning_accuracy or 0.0 for r in recs) / n
+        note = f"{cond.strip('-') or 'in distribution'}: reasoning {100 * acc:.1f}% exact, "
+        note += f"{sum(words) / max(1, len(words)):.1f} words per call"
+        if cond:
+            note += f"; only unperturbed / only {cond.strip('-')}: {_paired(runs, '', runs, cond)}"
+        if args.against:
+            other = _load(args.against, args.against_suffix)
+            note += f"; only this model / only {args.against}: {_paired(runs, cond, other, cond)}"
+        notes.append(note)
+    print("| all five | " + " | ".join(pooled) + " |")
+    print()
+    for note in notes:
+        print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
