@@ -1,10 +1,12 @@
-"""Copy a trained DiVLA checkpoint into the repository as a small fp16 reference checkpoint.
+"""Copy a trained checkpoint (DiVLA or a baseline) into the repository as a small fp16 checkpoint.
 
     .venv/bin/python scripts/ship_checkpoint.py runs/train/divla-bin_picking checkpoints/divla-bin_picking
 
-Keeps what evaluation needs (config, fp16 safetensors, tokenizer) plus the training record
-(divla_meta.json with the command, train_log.jsonl, losses.png); drops the optimiser state and the
-fp32 periodic checkpoint.
+Keeps what evaluation needs (config, fp16 safetensors, tokenizer or text-encoder record) plus the
+training record (the policy's <policy>_meta.json with the command, train_log.jsonl, losses.png);
+drops the optimiser state and the fp32 periodic checkpoint. `runs/` is not in git, so a checkpoint
+that is not shipped is lost with the machine: the reference scripts ship every model they train and
+evaluate the shipped copy.
 """
 
 from __future__ import annotations
@@ -12,9 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from divla_eval.divla.policy import DiVLAPolicy
+from divla_eval.checkpoint import SIGNATURE_KEYS, CheckpointError, read_config
+from divla_eval.policy import POLICIES
+
+
+def policy_of(path: Path) -> str:
+    """The registered policy a checkpoint directory belongs to, from its config.json's signature key."""
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: no config.json")
+    config = read_config(path)
+    for name, key in SIGNATURE_KEYS.items():
+        if key in config:
+            return name
+    raise CheckpointError(f"{path}/config.json belongs to none of {', '.join(SIGNATURE_KEYS)}")
 
 
 def main() -> None:
@@ -23,17 +38,22 @@ def main() -> None:
     parser.add_argument("dst", type=Path)
     parser.add_argument("--command", default="", help="the exact training command, for the record")
     args = parser.parse_args()
-    policy = DiVLAPolicy.from_pretrained(args.src)
-    meta = json.loads((args.src / "divla_meta.json").read_text())
+    try:
+        name = policy_of(args.src)
+        policy = POLICIES.get(name).from_pretrained(args.src)
+    except CheckpointError as exc:
+        sys.exit(f"error: {exc}")
+    meta_file = args.src / f"{name}_meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta.update(shipped_from=str(args.src), dtype="float16")
     if args.command:
         meta["command"] = args.command
     policy.save_pretrained(args.dst, half=True, meta=meta)
-    for name in ("train_log.jsonl", "losses.png"):
-        if (args.src / name).is_file():
-            shutil.copy2(args.src / name, args.dst / name)
+    for extra in ("train_log.jsonl", "losses.png"):
+        if (args.src / extra).is_file():
+            shutil.copy2(args.src / extra, args.dst / extra)
     size = sum(p.stat().st_size for p in args.dst.iterdir()) / 1e6
-    print(f"wrote {args.dst} ({size:.1f} MB)")
+    print(f"wrote {args.dst} ({name}, {size:.1f} MB)")
 
 
 if __name__ == "__main__":

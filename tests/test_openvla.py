@@ -4,6 +4,7 @@ train -> run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,37 @@ def test_bad_training_options_are_one_line_errors(demos, tmp_path, capsys):
     assert main([*argv, "--no-progress", "--option", "action_dim=14"]) == 2
     err = capsys.readouterr().err
     assert "read from the demonstrations" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ship_checkpoint_writes_a_half_precision_copy_that_acts_alike(tmp_path):
+    """scripts/ship_checkpoint.py recognises a baseline from its config, keeps its meta and command,
+    and the fp16 copy acts (nearly) as the fp32 original; the reference scripts evaluate that copy."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    m = tiny_model().eval()
+    save_model(m, tmp_path / "run", meta={"steps": 3})
+    (tmp_path / "run" / "train_log.jsonl").write_text('{"step": 0}\n')
+    script = Path(__file__).parents[1] / "scripts" / "ship_checkpoint.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "ship"), "--command", "train X"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "openvla" in out
+    with safe_open(str(tmp_path / "ship" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["dtype"] == "float16"
+    meta = json.loads((tmp_path / "ship" / "openvla_meta.json").read_text())
+    assert meta["steps"] == 3 and meta["command"] == "train X" and meta["dtype"] == "float16"
+    assert (tmp_path / "ship" / "train_log.jsonl").is_file()
+    shipped = OpenVLAPolicy.from_pretrained(tmp_path / "ship")
+    torch.testing.assert_close(shipped.model.bins.low, m.bins.low, rtol=1e-3, atol=1e-3)
+    bad = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "nothing"), str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr
