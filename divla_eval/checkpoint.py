@@ -135,6 +135,7 @@ def check_inference_options(options: dict, config) -> None:
         "inference_steps": (1, get("train_diffusion_steps"), "the checkpoint's train_diffusion_steps"),
         "execute_steps": (1, get("chunk"), "the checkpoint's action chunk"),
         "reasoning_every": (0, None, "0: generate the phrase once per episode"),
+        "oracle_reasoning": (0, 1, "1: condition on the scripted expert's phrase instead of generating one"),
     }
     for key, value in options.items():
         if key not in limits:

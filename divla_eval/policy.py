@@ -28,6 +28,10 @@ class Observation:
     proprio: np.ndarray
     instruction: str
     embodiment: str = "panda"
+    expert_reasoning: str | None = None
+    """The scripted expert's phrase for this state. Filled in only for a policy whose metadata asks
+    for it (`oracle_reasoning`): a diagnostic that separates wrong reasoning from wrong motion, never
+    a benchmark setting, since it hands the policy privileged knowledge."""
 
 
 @dataclass
@@ -48,6 +52,8 @@ class PolicyMetadata:
     privileged: bool = False
     reasoning: bool = False
     """The policy writes reasoning text; the runner then scores it against the expert's phrase."""
+    oracle_reasoning: bool = False
+    """The policy conditions on the expert's phrase (`Observation.expert_reasoning`) instead of its own."""
     obs_horizon: int = 1
     """Consecutive environment steps the policy conditions on (Diffusion Policy: 2). Calls are
     `execute_steps` apart, so for > 1 the runner also hands the policy the observations of the

@@ -176,7 +176,10 @@ def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
             obs = env.observe(cameras=cams)
             images = {c: obs[c] for c in cams}
             t0 = time.perf_counter()
-            chunk = policy.infer(Observation(images, obs["proprio"], obs["instruction"], env.embodiment))
+            oracle = expert_text if policy.metadata.oracle_reasoning else None
+            chunk = policy.infer(
+                Observation(images, obs["proprio"], obs["instruction"], env.embodiment, oracle)
+            )
             latencies.append(time.perf_counter() - t0)
             j = 0
             # A learned policy's text is kept for every call (it is what gets scored); the expert,

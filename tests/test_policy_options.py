@@ -46,7 +46,7 @@ def _one_line_error(argv, capsys) -> str:
         (
             ["--policy", "divla", "--policy-option", "temperature=2"],
             "unknown policy option 'temperature' for divla; valid: execute_steps, inference_steps, "
-            "reasoning_every",
+            "oracle_reasoning, reasoning_every",
         ),
         (
             ["--policy", "diffusion_policy", "--policy-option", "reasoning_every=2"],
@@ -80,7 +80,7 @@ def test_out_of_range_values_are_checked_against_the_checkpoint(option, needle, 
 
 def test_declared_options_per_policy():
     steps = {"inference_steps": int, "execute_steps": int}
-    assert inference_options("divla") == {"reasoning_every": int, **steps}
+    assert inference_options("divla") == {"reasoning_every": int, "oracle_reasoning": int, **steps}
     assert inference_options("diffusion_policy") == inference_options("octo") == steps
     assert inference_options("openvla") == inference_options("scripted") == inference_options("random") == {}
     assert parse_policy_options("divla", {"inference_steps": " 5", "execute_steps": 4}) == {
@@ -279,3 +279,89 @@ def test_diffusion_policy_inference_steps_and_execute_steps(tmp_path, monkeypatc
         policy.reset("", seed=0)
         policy.infer(_obs())
         assert len(unet) == steps and policy.metadata.execute_steps == execute
+
+
+# --- oracle_reasoning: the expert's phrase in place of the generated one (a diagnostic) ---------------
+class _Echo(_Chunky):
+    """A fake reasoning policy that writes whatever phrase the runner hands it (None: "")."""
+
+    INFERENCE_OPTIONS = {"oracle_reasoning": int}
+
+    def __init__(self, oracle_reasoning: int = 0):
+        self.metadata = PolicyMetadata(
+            name="echo", execute_steps=4, reasoning=True, oracle_reasoning=bool(oracle_reasoning)
+        )
+        self.seen: list = []
+
+    @classmethod
+    def from_pretrained(cls, path, oracle_reasoning: int = 0):
+        return cls(oracle_reasoning)
+
+    def infer(self, obs):
+        self.seen.append(obs.expert_reasoning)
+        return ActionChunk(np.tile([0, 0, 0, 0, 0, 0, -1.0], (4, 1)), reasoning=obs.expert_reasoning or "")
+
+
+@pytest.mark.parametrize("oracle", [0, 1])
+def test_the_runner_hands_the_expert_phrase_only_to_an_oracle_policy(oracle, monkeypatch, tmp_path):
+    monkeypatch.setitem(POLICIES._targets, "echo", _Echo)
+    monkeypatch.setitem(POLICIES._descriptions, "echo", "")
+    (tmp_path / "ckpt").mkdir()
+    options = {"oracle_reasoning": oracle} if oracle else {}
+    cfg = RunConfig(
+        policy="echo", checkpoint=str(tmp_path / "ckpt"), episodes=1, max_steps=8, policy_options=options
+    )
+    run(cfg, tmp_path / "run", progress=False)
+    (record,) = EpisodeStore(tmp_path / "run" / "episodes.jsonl").load()
+    trace = record.reasoning_trace
+    assert len(trace) == 2 and all(e["expert"] for e in trace)  # 8 steps, 4 actions per call
+    if oracle:  # the phrase the policy got is the one it is scored against, at the same step
+        assert [e["text"] for e in trace] == [e["expert"] for e in trace] and record.reasoning_accuracy == 1.0
+    else:
+        assert [e["text"] for e in trace] == ["", ""] and record.reasoning_accuracy == 0.0
+
+
+def test_divla_oracle_reasoning_conditions_on_the_given_phrase(tmp_path):
+    torch = pytest.importorskip("torch")
+    from divla_eval.divla.config import DiVLAConfig
+    from divla_eval.divla.model import DiVLAModel
+    from divla_eval.divla.policy import save_model
+    from divla_eval.divla.tokenizer import build_tokenizer
+    from divla_eval.policy import make_policy
+
+    torch.manual_seed(0)
+    texts = ["grasp the blue toy car", "place it in the basket", "the task is done"]
+    save_model(DiVLAModel(DiVLAConfig(**TINY_DIVLA), build_tokenizer(texts, 300)), tmp_path / "ckpt")
+    ckpt = str(tmp_path / "ckpt")
+    oracle = make_policy("divla", ckpt, options={"oracle_reasoning": 1})
+    assert oracle.metadata.oracle_reasoning
+
+    def call(policy, phrase):
+        policy.reset("grasp the blue toy car", seed=3)
+        obs = _obs()
+        obs.expert_reasoning = phrase
+        return policy.infer(obs)
+
+    done = call(oracle, "the task is done")
+    assert done.reasoning == "the task is done"
+    gen = torch.Generator().manual_seed(3)  # what the policy's reset seeds its noise with
+    o = _obs()
+    images = {c: torch.from_numpy(o.images[c]).permute(2, 0, 1)[None].float().div(255) for c in o.images}
+    forced = oracle.model.act(
+        images,
+        torch.as_tensor(o.proprio, dtype=torch.float32)[None],
+        o.instruction,
+        "panda",
+        generator=gen,
+        reasoning="the task is done",
+    )
+    np.testing.assert_allclose(done.actions, forced.actions[0].numpy(), rtol=0, atol=1e-6)
+    assert not np.array_equal(call(oracle, "place it in the basket").actions, done.actions)
+    with pytest.raises(DivlaEvalError, match="oracle_reasoning=1 needs the scripted expert's phrase"):
+        call(oracle, None)
+    # off by default: the phrase handed over is ignored, the policy generates its own
+    own = make_policy("divla", ckpt)
+    assert not own.metadata.oracle_reasoning
+    np.testing.assert_array_equal(call(own, "the task is done").actions, call(own, None).actions)
+    with pytest.raises(DivlaEvalError, match="oracle_reasoning=2 is out of range: valid 0..1"):
+        make_policy("divla", ckpt, options={"oracle_reasoning": 2})

@@ -26,6 +26,7 @@ from divla_eval.checkpoint import (  # shared by every learned policy
     read_config,
     save_weights,
 )
+from divla_eval.errors import DivlaEvalError
 from divla_eval.policy import ActionChunk, Observation, PolicyMetadata, use_torch_thread_share
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -67,6 +68,11 @@ class DiVLAPolicy:
     `inference_steps` (DDIM steps per call) and `execute_steps` (actions run from each chunk before
     the next call, 1..chunk) override the checkpoint config's values at load; None keeps them, and
     the config itself (what `save_pretrained` writes) is never changed.
+
+    `oracle_reasoning=1` is a diagnostic, not a benchmark setting: every call is conditioned on the
+    scripted expert's phrase for the current state (teacher-forced, as in training) instead of a
+    generated one. Paired with the same episodes run normally, it tells whether failures come from
+    wrong reasoning (success rises with the right phrase) or from the motion (it does not).
     """
 
     requires_checkpoint = True
@@ -75,6 +81,7 @@ class DiVLAPolicy:
         "reasoning_every": int,
         "inference_steps": int,
         "execute_steps": int,
+        "oracle_reasoning": int,
     }
     """What `divla-eval run --policy-option KEY=VALUE` may set (passed to `from_pretrained`)."""
     check_inference_options = staticmethod(check_inference_options)  # their ranges, against config.json
@@ -93,11 +100,13 @@ class DiVLAPolicy:
         reasoning_every: int = 1,
         inference_steps: int | None = None,
         execute_steps: int | None = None,
+        oracle_reasoning: int = 0,
     ):
         import torch
 
         cfg = model.cfg
         overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
+        check_inference_options({"oracle_reasoning": oracle_reasoning}, cfg)
         check_inference_options({k: v for k, v in overrides.items() if v is not None}, cfg)
         use_torch_thread_share()
 
@@ -111,6 +120,7 @@ class DiVLAPolicy:
             execute_steps=cfg.execute_steps if execute_steps is None else execute_steps,
             checkpoint_hash=checkpoint_id,
             reasoning=True,
+            oracle_reasoning=bool(oracle_reasoning),
         )
         self._generator = torch.Generator(device=device).manual_seed(0)
         self.last_reasoning: str | None = None
@@ -144,12 +154,21 @@ class DiVLAPolicy:
         proprio = torch.as_tensor(obs.proprio, dtype=torch.float32)[None]
         k = self.reasoning_every
         generate = self._reasoning_ids is None or (k > 0 and self._calls % k == 0)
+        oracle = None
+        if self.metadata.oracle_reasoning:
+            if obs.expert_reasoning is None:
+                raise DivlaEvalError(
+                    "oracle_reasoning=1 needs the scripted expert's phrase, and this observation has "
+                    "none (only `divla-eval run` on a task with a scripted expert provides it)"
+                )
+            oracle, generate = obs.expert_reasoning, True
         out = self.model.act(
             {c: v.to(self.device) for c, v in images.items()},
             proprio.to(self.device),
             obs.instruction,
             obs.embodiment,
             generator=self._generator,
+            reasoning=oracle,
             reasoning_ids=None if generate else self._reasoning_ids,
             inference_steps=self.inference_steps,
         )
@@ -171,12 +190,14 @@ class DiVLAPolicy:
         reasoning_every: int = 1,
         inference_steps: int | None = None,
         execute_steps: int | None = None,
+        oracle_reasoning: int = 0,
     ) -> DiVLAPolicy:
         """Load a checkpoint directory; the keyword options are `INFERENCE_OPTIONS` (see the class)."""
         from divla_eval.divla.model import DiVLAModel
 
         path = Path(path)
         overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
+        overrides["oracle_reasoning"] = oracle_reasoning
         # before the weights are read: an out-of-range option costs nothing
         check_inference_options({k: v for k, v in overrides.items() if v is not None}, check_checkpoint(path))
         model = DiVLAModel(_load_config(path), _load_tokenizer(path))
@@ -188,6 +209,7 @@ class DiVLAPolicy:
             reasoning_every=reasoning_every,
             inference_steps=inference_steps,
             execute_steps=execute_steps,
+            oracle_reasoning=oracle_reasoning,
         )
 
     def save_pretrained(self, path: str | Path, half: bool = False, meta: dict | None = None) -> Path:
