@@ -41,8 +41,9 @@ def main() -> None:
     try:
         name = policy_of(args.src)
         policy = POLICIES.get(name).from_pretrained(args.src)
-    except CheckpointError as exc:
-        sys.exit(f"error: {exc}")
+    except CheckpointError as exc:  # bad input: one line and exit code 2, as everywhere in the project
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     meta_file = args.src / f"{name}_meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta.update(shipped_from=str(args.src), dtype="float16")

@@ -344,4 +344,4 @@ def test_ship_checkpoint_writes_a_half_precision_copy_that_acts_alike(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr

@@ -105,8 +105,11 @@ class DiVLAPolicy:
         import torch
 
         cfg = model.cfg
-        overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
-        check_inference_options({"oracle_reasoning": oracle_reasoning}, cfg)
+        overrides = {
+            "inference_steps": inference_steps,
+            "execute_steps": execute_steps,
+            "oracle_reasoning": oracle_reasoning,
+        }
         check_inference_options({k: v for k, v in overrides.items() if v is not None}, cfg)
         use_torch_thread_share()
 
@@ -196,8 +199,11 @@ class DiVLAPolicy:
         from divla_eval.divla.model import DiVLAModel
 
         path = Path(path)
-        overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
-        overrides["oracle_reasoning"] = oracle_reasoning
+        overrides = {
+            "inference_steps": inference_steps,
+            "execute_steps": execute_steps,
+            "oracle_reasoning": oracle_reasoning,
+        }
         # before the weights are read: an out-of-range option costs nothing
         check_inference_options({k: v for k, v in overrides.items() if v is not None}, check_checkpoint(path))
         model = DiVLAModel(_load_config(path), _load_tokenizer(path))
