@@ -81,8 +81,8 @@ def bench_baseline(session: nox.Session) -> None:
 def regression(session: nox.Session) -> None:
     """Success rates on a small fixed grid against results/regression_baseline.json.
 
-    The shipped DiVLA checkpoint and the scripted expert (scripts/regression.py); `nox -s regression --
-    --update` stores a new baseline."""
+    The shipped DiVLA and Diffusion Policy checkpoints and the scripted expert (scripts/regression.py);
+    `nox -s regression -- --update` stores a new baseline, `-- --cells NAME --update` one cell anew."""
     _install(session)
     session.run("python", "scripts/regression.py", *session.posargs)
 

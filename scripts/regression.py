@@ -2,6 +2,7 @@
 
     python scripts/regression.py                 # run the grid fresh, compare, exit 1 on a regression
     python scripts/regression.py --update        # run it and store the rates as the new baseline
+    python scripts/regression.py --cells A --update   # store cell A anew, keep the others
     python scripts/regression.py --no-run        # compare the run directories already in --out
 
 A cell regresses when its stored success rate lies above the upper end of the new run's Wilson 95%
@@ -49,6 +50,14 @@ CELLS = (
         40,
     ),
     Cell("scripted-bin_picking-unseen", "--task bin_picking --objects unseen --policy scripted --seed 0", 10),
+    # the learned baseline with the highest shipped rate (30/100 on the full cell): 30 episodes flag
+    # a fall from its stored rate to about a fifth of the episodes
+    Cell(
+        "diffusion_policy-multitask-flip_pot",
+        "--task multitask --split flip_pot --policy diffusion_policy "
+        "--checkpoint checkpoints/diffusion_policy-multitask --seed 0",
+        30,
+    ),
     Cell(
         "scripted-sorting-easy-seen",
         "--task sorting --difficulty easy --objects seen --policy scripted --seed 0",
@@ -176,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         counts[name] = cell_counts(out)
 
+    old = json.loads(args.baseline.read_text()) if args.baseline.is_file() else {}
     if args.update:
+        # cells left out of this run (--cells) keep their stored values
+        new = baseline_from(counts, commands)
+        new["cells"] = {**old.get("cells", {}), **new["cells"]}
         args.baseline.parent.mkdir(parents=True, exist_ok=True)
-        args.baseline.write_text(json.dumps(baseline_from(counts, commands), indent=2) + "\n")
+        args.baseline.write_text(json.dumps(new, indent=2) + "\n")
         print(f"wrote {args.baseline}")
         return 0
-    baseline = json.loads(args.baseline.read_text()) if args.baseline.is_file() else {}
+    baseline = old
     if not baseline:
         print(f"no baseline at {args.baseline}: nothing to compare (store one with --update)")
     checks = compare(baseline, counts)

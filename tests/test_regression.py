@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -94,25 +95,44 @@ def _grid(regression, root: Path, counts: dict[str, tuple[int, int]]) -> None:
 
 
 def test_update_then_compare_pass_and_fail_exit_codes(regression, tmp_path, capsys):
-    names = [c.name for c in regression.CELLS]
+    divla, expert, dp, sorting = (
+        "divla-bin_picking-unseen",
+        "scripted-bin_picking-unseen",
+        "diffusion_policy-multitask-flip_pot",
+        "scripted-sorting-easy-seen",
+    )
+    assert sorted(c.name for c in regression.CELLS) == sorted([divla, expert, dp, sorting])
     baseline = tmp_path / "baseline.json"
     first, second = tmp_path / "first", tmp_path / "second"
-    _grid(regression, first, {names[0]: (4, 40), names[1]: (10, 10), names[2]: (10, 10)})
+    _grid(regression, first, {divla: (4, 40), expert: (10, 10), dp: (14, 30), sorting: (10, 10)})
     args = ["--no-run", "--baseline", str(baseline)]
     assert regression.main([*args, "--out", str(first), "--update"]) == 0
     stored = json.loads(baseline.read_text())
-    assert stored["cells"][names[0]]["rate"] == pytest.approx(0.1)
-    assert (
-        stored["cells"][names[0]]["episodes"] == 40
-        and "--episodes 40" in stored["cells"][names[0]]["command"]
-    )
+    assert stored["cells"][divla]["rate"] == pytest.approx(0.1)
+    assert stored["cells"][divla]["episodes"] == 40 and "--episodes 40" in stored["cells"][divla]["command"]
     assert regression.main([*args, "--out", str(first)]) == 0  # the same records pass
 
-    _grid(regression, second, {names[0]: (2, 40), names[1]: (10, 10), names[2]: (6, 10)})
+    _grid(regression, second, {divla: (2, 40), expert: (10, 10), dp: (14, 30), sorting: (6, 10)})
     capsys.readouterr()
     assert regression.main([*args, "--out", str(second)]) == 1  # sorting 6/10 against a stored 100%
     out = capsys.readouterr().out
-    assert f"FAIL  {names[2]}" in out and f"ok    {names[1]}" in out and f"ok    {names[0]}" in out
+    assert f"FAIL  {sorting}" in out and f"ok    {expert}" in out and f"ok    {divla}" in out
+
+
+def test_updating_some_cells_keeps_the_others(regression, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    runs = tmp_path / "runs"
+    _grid(regression, runs, {c.name: (1, 10) for c in regression.CELLS})
+    args = ["--no-run", "--baseline", str(baseline), "--out", str(runs)]
+    assert regression.main([*args, "--update"]) == 0
+    shutil.rmtree(runs / "scripted-sorting-easy-seen")
+    write_run(runs / "scripted-sorting-easy-seen", 10, 10)
+    assert regression.main([*args, "--cells", "scripted-sorting-easy-seen", "--update"]) == 0
+    cells = json.loads(baseline.read_text())["cells"]
+    assert cells["scripted-sorting-easy-seen"]["rate"] == 1.0
+    assert {name: cell["rate"] for name, cell in cells.items() if name != "scripted-sorting-easy-seen"} == {
+        c.name: 0.1 for c in regression.CELLS if c.name != "scripted-sorting-easy-seen"
+    }
 
 
 def test_missing_run_directories_and_unknown_cells_are_errors(regression, tmp_path):
