@@ -304,9 +304,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     from divla_eval.envs.objects import library_hash
     from divla_eval.tasks import get_task, task_options
 
-    check_manifest_compatible(run_dir, cfg.as_dict())
-    task = get_task(cfg.task, **cfg.task_options)
+    config = cfg.as_dict()
     manifest = read_manifest(run_dir)
+    planned = (manifest or {}).get("config", {}).get("episodes")
+    # A larger --episodes extends a run: an episode's scene and seeds come from its index alone, so
+    # the first N episodes of a longer run are the N already recorded. Fewer is still a mismatch.
+    extends = isinstance(planned, int) and cfg.episodes is not None and cfg.episodes > planned
+    check_manifest_compatible(run_dir, {**config, "episodes": planned} if extends else config)
+    task = get_task(cfg.task, **cfg.task_options)
     if manifest is not None and manifest.get("task_version", task.version) != task.version:
         # A changed task (a fixed expert, a new scene) is another experiment: one directory, one
         # report, must not mix its episodes with the old version's.
@@ -325,7 +330,18 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **environment_info(Path(__file__).resolve().parent),  # the harness's own git revision
         }
-        write_manifest(run_dir, cfg.as_dict(), extra)
+        write_manifest(run_dir, config, extra)
+    elif extends:
+        extra = {k: v for k, v in manifest.items() if k != "config"}
+        extra["extended"] = [
+            *manifest.get("extended", []),
+            {
+                "episodes": [planned, cfg.episodes],
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "git_commit": environment_info(Path(__file__).resolve().parent)["git_commit"],
+            },
+        ]
+        write_manifest(run_dir, config, extra)
 
 
 class EpisodeWorker:

@@ -30,6 +30,26 @@ def test_run_writes_one_record_per_episode_and_manifest(tmp_path):
     assert manifest["task_version"] == "1" and manifest["run_id"] == records[0].run_id
 
 
+def test_a_larger_episode_count_extends_a_run_and_a_smaller_one_is_refused(tmp_path):
+    from divla_eval.errors import ConfigMismatchError
+
+    run(_cfg(episodes=2, max_steps=5), tmp_path / "a", progress=False)
+    summary = run(_cfg(episodes=3, max_steps=5), tmp_path / "a", progress=False)
+    assert summary.skipped == 2 and summary.ran == 1
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["config"]["episodes"] == 3 and manifest["extended"][0]["episodes"] == [2, 3]
+    # the extension's episodes are those a 3-episode run makes from scratch
+    run(_cfg(episodes=3, max_steps=5), tmp_path / "b", progress=False)
+    a, b = (EpisodeStore(tmp_path / d / "episodes.jsonl").load() for d in "ab")
+    assert [(r.episode_key, r.seed, r.object_ids) for r in a] == [
+        (r.episode_key, r.seed, r.object_ids) for r in b
+    ]
+    with pytest.raises(ConfigMismatchError, match="episodes: 3 -> 2"):
+        run(_cfg(episodes=2, max_steps=5), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigMismatchError, match="seed: 0 -> 1"):  # other settings still must match
+        run(_cfg(episodes=4, max_steps=5, seed=1), tmp_path / "a", progress=False)
+
+
 def test_interrupted_run_resumes_to_exactly_n_records(tmp_path, monkeypatch):
     real = runner.run_episode
     calls = {"n": 0}
