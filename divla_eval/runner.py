@@ -309,7 +309,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     planned = (manifest or {}).get("config", {}).get("episodes")
     # A larger --episodes extends a run: an episode's scene and seeds come from its index alone, so
     # the first N episodes of a longer run are the N already recorded. Fewer is still a mismatch.
-    extends = isinstance(planned, int) and cfg.episodes is not None and cfg.episodes > planned
+    extends = isinstance(planned, int) and config["episodes"] > planned
     check_manifest_compatible(run_dir, {**config, "episodes": planned} if extends else config)
     task = get_task(cfg.task, **cfg.task_options)
     if manifest is not None and manifest.get("task_version", task.version) != task.version:
@@ -336,7 +336,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         extra["extended"] = [
             *manifest.get("extended", []),
             {
-                "episodes": [planned, cfg.episodes],
+                "episodes": [planned, config["episodes"]],
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "git_commit": environment_info(Path(__file__).resolve().parent)["git_commit"],
             },
