@@ -7,7 +7,9 @@ Every mistake a user can make on the command line ends in one line on stderr,
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from divla_eval.errors import DivlaEvalError
@@ -547,10 +549,20 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # `bench` writes the exact command into its results
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:
+        # `kill`, a batch scheduler or a closing session stops with SIGTERM: end as Ctrl-C does, so
+        # the commands' interrupt handling saves what finished and says how to resume. Background
+        # jobs of a script cannot be sent SIGINT at all (the shell ignores it for them).
+        previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     try:
         return {
             "run": _cmd_run,
@@ -566,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     except DivlaEvalError as exc:
         print(f"divla-eval: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

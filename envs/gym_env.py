@@ -202,7 +202,11 @@ class DivlaEnv(gym.Env):
             self._renderer.close()
             self._renderer = None
         if self.sim is not None:
-            self.sim.close()
+            mjsim = getattr(self.sim, "sim", None)
+            # an interrupt inside robosuite's hard reset, after it freed the old MjSim and before it
+            # built the next, leaves a freed one, which a second free() fails on: nothing left to close
+            if mjsim is None or hasattr(mjsim, "_render_context_offscreen"):
+                self.sim.close()
             self.sim = None
 
     # --- runner API --------------------------------------------------------------------------------------

@@ -122,3 +122,25 @@ def test_console_script_end_to_end_with_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "report.md").read_text().count("bin_picking") >= 1
     assert (out / "success.png").stat().st_size > 1000
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_finished_episodes(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [_console_script(), "run", "--policy", "random", "--episodes", "200", "--max-steps", "20"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    records = out / "episodes.jsonl"
+    deadline = time.monotonic() + 240
+    while not (records.is_file() and records.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: finished episodes are saved" in err and "Traceback" not in err
+    kept = records.read_text().count("\n")
+    assert 1 <= kept < 200
