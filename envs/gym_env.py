@@ -203,8 +203,8 @@ class DivlaEnv(gym.Env):
             self._renderer = None
         if self.sim is not None:
             mjsim = getattr(self.sim, "sim", None)
-            # an interrupt inside robosuite's hard reset, after it freed the old MjSim and before it
-            # built the next, leaves a freed one, which a second free() fails on: nothing left to close
+            # an interrupt that lands inside MjSim.free() (during a hard reset or close) leaves a freed
+            # sim that robosuite still holds, and a second free() fails on it: nothing left to close
             if mjsim is None or hasattr(mjsim, "_render_context_offscreen"):
                 self.sim.close()
             self.sim = None
