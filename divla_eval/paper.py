@@ -42,6 +42,10 @@ class PaperTable:
     task: str
     columns: tuple[Column, ...]
     note: str = ""
+    # tasks scored per object also show the mean fraction of objects done (the task's partial
+    # score, an errored episode counting 0): at small scale a policy can sort some objects of every
+    # scene and still finish none, and the success rate alone would hide that.
+    partial: str = ""
 
 
 def _multitask_columns(perturbation: str) -> tuple[Column, ...]:
@@ -86,9 +90,15 @@ PAPER_TABLES: tuple[PaperTable, ...] = (
             for d in ("easy", "hard")
             for s in ("seen", "unseen", "mixed")
         ),
+        note="after each rate: the mean fraction of a scene's objects sorted into the right bin",
+        partial="sorted",
     ),
     PaperTable(
-        "Bimanual table bussing", "bussing", (Column("seen", split="seen"), Column("mixed", split="mixed"))
+        "Bimanual table bussing",
+        "bussing",
+        (Column("seen", split="seen"), Column("mixed", split="mixed")),
+        note="after each rate: the mean fraction of a scene's items put where they belong",
+        partial="done",
     ),
     PaperTable(
         "Novel multi-step instructions (held out)",
@@ -98,7 +108,7 @@ PAPER_TABLES: tuple[PaperTable, ...] = (
 )
 
 
-def _cell(episodes: pd.DataFrame, column: Column) -> str:
+def _cell(episodes: pd.DataFrame, column: Column, partial: str = "") -> str:
     rows = episodes[
         (episodes["difficulty"] == column.difficulty) & (episodes["perturbation"] == column.perturbation)
     ]
@@ -111,7 +121,11 @@ def _cell(episodes: pd.DataFrame, column: Column) -> str:
     if rows.empty:
         return "-"
     counts = success_table(rows, []).iloc[0]  # an errored episode is a failure, as everywhere
-    return rate_text(int(counts["successes"]), int(counts["n"]))
+    text = rate_text(int(counts["successes"]), int(counts["n"]))
+    if partial:
+        done = rows["partial_score"].where(rows["status"] != "error", 0.0).mean()
+        text += f"; {done:.0%} {partial}"
+    return text
 
 
 def paper_tables(df: pd.DataFrame) -> list[tuple[PaperTable, pd.DataFrame]]:
@@ -125,7 +139,7 @@ def paper_tables(df: pd.DataFrame) -> list[tuple[PaperTable, pd.DataFrame]]:
         for (policy, checkpoint, version), group in episodes.groupby(
             ["policy", "checkpoint", "task_version"], sort=True
         ):
-            cells = {c.label: _cell(group, c) for c in table.columns}
+            cells = {c.label: _cell(group, c, table.partial) for c in table.columns}
             if any(v != "-" for v in cells.values()):
                 rows.append({"policy": policy, "checkpoint": checkpoint, "task version": version, **cells})
         present = {r["policy"] for r in rows}

@@ -265,3 +265,18 @@ def test_paper_tables_name_every_paper_policy_and_pool_subtasks_only_when_comple
     # bin picking has no runs here: every paper policy is listed as not run
     bin_section = text.split("## Zero-shot bin picking")[1].split("##")[0]
     assert bin_section.count("| not run |") == 6
+
+
+def test_sorting_cells_show_the_mean_fraction_sorted_with_errors_as_zero(tmp_path: Path) -> None:
+    from divla_eval.paper import write_paper_tables
+
+    store = EpisodeStore(tmp_path / "octo-sorting" / "episodes.jsonl")
+    for i, (ok, score, status) in enumerate([(True, 1.0, "ok"), (False, 0.5, "ok"), (False, 0.25, "error")]):
+        base = rec(i, success=ok, status=status, policy="octo", key=f"s{i}")
+        store.append(dataclasses.replace(base, task="sorting", difficulty="easy", partial_score=score))
+    text = write_paper_tables(tmp_path).read_text()
+    section = text.split("## Factory sorting")[1].split("##")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| octo |"))
+    # (1.0 + 0.5 + 0, the errored episode's 0.25 not counted) / 3 = 50%
+    assert "| 1/3 = 33.3% [6.1%-79.2%]; 50% sorted |" in row
+    assert "mean fraction of a scene's objects sorted" in section
