@@ -37,3 +37,22 @@ class ConfigMismatchError(DivlaEvalError):
 
 class CorruptFileError(DivlaEvalError):
     """A results file is damaged in a way that cannot be an interrupted write, so we refuse to guess."""
+
+
+def raise_if_interrupted(exc: BaseException) -> None:
+    """Re-raise as KeyboardInterrupt an exception that an interrupt turned into something else.
+
+    Ctrl-C, or SIGTERM (which the CLI maps to Ctrl-C), raises KeyboardInterrupt from a signal handler
+    wherever the interpreter happens to be. When that is inside a C extension call (robosuite's numba
+    controller is one, on every step), the extension returns with the exception pending and Python
+    raises `SystemError: ... returned a result with an exception set` instead, the KeyboardInterrupt at
+    the end of its chain. A per-episode `except Exception` would then record an interrupted episode as a
+    failed one (counted against the policy, never rerun on resume) and carry on. Call this first in
+    such handlers so the interrupt stops the run as intended."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__

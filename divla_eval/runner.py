@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from divla_eval.errors import DivlaEvalError
+from divla_eval.errors import DivlaEvalError, raise_if_interrupted
 from divla_eval.reasoning import reasoning_scores
 from divla_eval.records import (
     EpisodeRecord,
@@ -225,7 +225,8 @@ def _shadow_reasoning(episode, env) -> str | None:
     (scoring must never end an episode)."""
     try:
         return episode.expert(env.sim).reasoning
-    except Exception:
+    except Exception as exc:
+        raise_if_interrupted(exc)
         return None
 
 
@@ -384,7 +385,8 @@ class EpisodeWorker:
         try:
             outcome = run_episode(self.env, spec, self.policy, video_path)
             outcome.update(status="ok", error=None)
-        except Exception:
+        except Exception as exc:
+            raise_if_interrupted(exc)
             episode = self.env.episode
             outcome = {
                 "success": False,

@@ -195,3 +195,71 @@ def test_run_config_round_trips_through_its_manifest_form():
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.as_dict())))
     assert again == cfg
     assert runner.plan_episodes(again) == runner.plan_episodes(cfg)
+
+
+def _interrupt_inside_c_code() -> SystemError:
+    """What an interrupt landing inside robosuite's numba controller looks like from Python (measured
+    with opspace_matrices and SIGTERM: SystemError, from SystemError, from the KeyboardInterrupt)."""
+    inner = SystemError("<function _numba_unpickle> returned a result with an exception set")
+    inner.__context__ = KeyboardInterrupt()
+    outer = SystemError("CPUDispatcher(<function opspace_matrices>) returned a result with an exception set")
+    outer.__cause__ = inner
+    return outer
+
+
+class _InterruptedInC(_Exploding):
+    """Runs its first episode, then is interrupted inside C code during the second."""
+
+    calls = 0
+
+    def reset(self, instruction, seed):
+        type(self).calls += 1
+
+    def infer(self, obs):
+        if type(self).calls == 2:
+            raise _interrupt_inside_c_code()
+        return ActionChunk(actions=[[0, 0, 0, 0, 0, 0, -1]])
+
+
+def test_an_interrupt_turned_into_system_error_stops_the_run_and_records_nothing(tmp_path, monkeypatch):
+    from divla_eval.errors import raise_if_interrupted
+
+    raise_if_interrupted(RuntimeError("an ordinary fault"))  # not an interrupt: returns
+    with pytest.raises(KeyboardInterrupt):
+        raise_if_interrupted(_interrupt_inside_c_code())
+    monkeypatch.setitem(POLICIES._targets, "interrupted", _InterruptedInC)
+    monkeypatch.setitem(POLICIES._descriptions, "interrupted", "")
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(policy="interrupted", episodes=3, max_steps=5), tmp_path, progress=False)
+    # the finished episode is kept; the interrupted one is not recorded (as an error) but left to resume
+    records = EpisodeStore(tmp_path / "episodes.jsonl").load()
+    assert [(r.episode_index, r.status) for r in records] == [(0, "ok")]
+
+
+def test_an_interrupt_inside_robosuites_numba_controller_is_recognised():
+    """The real thing: a signal handler raising KeyboardInterrupt while the operational-space controller
+    runs. Nearly every such interrupt lands inside the jitted call and surfaces as SystemError."""
+    import signal
+
+    import numpy as np
+    from robosuite.utils.control_utils import opspace_matrices
+
+    from divla_eval.errors import raise_if_interrupted
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    mass, jac = np.eye(7), np.random.default_rng(0).random((6, 7))
+    opspace_matrices(mass, jac, jac[:3], jac[3:])  # compile before the timer starts
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                while True:
+                    opspace_matrices(mass, jac, jac[:3], jac[3:])
+            except Exception as exc:  # the SystemError a per-episode handler would see
+                raise_if_interrupted(exc)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from divla_eval.errors import DivlaEvalError
+from divla_eval.errors import DivlaEvalError, raise_if_interrupted
 from divla_eval.parallel import run_unordered
 
 CAMERAS = ("front", "wrist")
@@ -272,7 +272,8 @@ class _Collector:
         """A simulator fault or expert crash fails this episode, not the collection (as in the runner)."""
         try:
             return record_episode(self.env, spec)
-        except Exception:
+        except Exception as exc:
+            raise_if_interrupted(exc)
             reason = "error: " + traceback.format_exc().strip().splitlines()[-1]
             self.env.close()
             self.env = self._make_env()  # the old simulator may be in a broken state
