@@ -227,6 +227,7 @@ def test_an_interrupt_turned_into_system_error_stops_the_run_and_records_nothing
     raise_if_interrupted(RuntimeError("an ordinary fault"))  # not an interrupt: returns
     with pytest.raises(KeyboardInterrupt):
         raise_if_interrupted(_interrupt_inside_c_code())
+    monkeypatch.setattr(_InterruptedInC, "calls", 0)  # counts this test's episodes only
     monkeypatch.setitem(POLICIES._targets, "interrupted", _InterruptedInC)
     monkeypatch.setitem(POLICIES._descriptions, "interrupted", "")
     with pytest.raises(KeyboardInterrupt):
