@@ -4,7 +4,8 @@
         [--against results/divla/multitask-noinj [--against-suffix S]]
 
 Reads PREFIX-<sub-task>[-<condition>3]SUFFIX/episodes.jsonl and prints, per sub-task and condition,
-successes with the mean per-episode reasoning accuracy (exact phrase); the pooled row with Wilson 95%
+successes with the mean per-episode reasoning accuracy (exact phrase; left out for a policy
+that writes none); the pooled row with Wilson 95%
 intervals; per condition the pooled reasoning accuracy and words per reasoning call; and each
 condition paired with the unperturbed episodes (same episode index) with the exact McNemar p; with
 --against, each condition paired with another model's runs of the same episodes.
@@ -37,6 +38,12 @@ def _load(prefix: str, suffix: str) -> dict:
             if path.exists():
                 runs[sub, cond] = {r.episode_index: r for r in EpisodeStore(path).load()}
     return runs
+
+
+def _reasoning(recs) -> float | None:
+    """Mean exact reasoning accuracy, or None for a policy that writes no reasoning (not 0%)."""
+    scored = [r.reasoning_accuracy for r in recs if r.reasoning_accuracy is not None]
+    return sum(scored) / len(recs) if scored else None
 
 
 def _paired(a_runs: dict, a_cond: str, b_runs: dict, b_cond: str) -> str:
@@ -73,8 +80,9 @@ def main() -> int:
             if not recs:
                 cells.append("-")
                 continue
-            acc = sum(r.reasoning_accuracy or 0.0 for r in recs) / len(recs)
-            cells.append(f"{sum(r.success for r in recs)}/{len(recs)} ({100 * acc:.1f}%)")
+            acc = _reasoning(recs)
+            cell = f"{sum(r.success for r in recs)}/{len(recs)}"
+            cells.append(cell if acc is None else f"{cell} ({100 * acc:.1f}%)")
         print(f"| {sub} | " + " | ".join(cells) + " |")
     pooled, notes = [], []
     for cond in CONDITIONS:
@@ -86,9 +94,12 @@ def main() -> int:
         lo, hi = wilson_interval(k, n)
         pooled.append(f"{k}/{n} = {100 * k / n:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}%)")
         words = [len(e["text"].split()) for r in recs for e in _trace(r)]
-        acc = sum(r.reasoning_accuracy or 0.0 for r in recs) / n
-        note = f"{cond.strip('-') or 'in distribution'}: reasoning {100 * acc:.1f}% exact, "
-        note += f"{sum(words) / max(1, len(words)):.1f} words per call"
+        acc = _reasoning(recs)
+        note = f"{cond.strip('-') or 'in distribution'}: "
+        if acc is None:
+            note += "no reasoning written"
+        else:
+            note += f"reasoning {100 * acc:.1f}% exact, {sum(words) / max(1, len(words)):.1f} words per call"
         if cond:
             note += f"; only unperturbed / only {cond.strip('-')}: {_paired(runs, '', runs, cond)}"
         if args.against:
