@@ -4,11 +4,11 @@
         [--against results/divla/multitask-noinj [--against-suffix S]]
 
 Reads PREFIX-<sub-task>[-<condition>3]SUFFIX/episodes.jsonl and prints, per sub-task and condition,
-successes with the mean per-episode reasoning accuracy (exact phrase; left out for a policy
-that writes none); the pooled row with Wilson 95%
-intervals; per condition the pooled reasoning accuracy and words per reasoning call; and each
-condition paired with the unperturbed episodes (same episode index) with the exact McNemar p; with
---against, each condition paired with another model's runs of the same episodes.
+successes with the mean per-episode reasoning accuracy (exact phrase; left out for a policy that
+writes none); the pooled row with Wilson 95% intervals; per condition the pooled reasoning accuracy
+and words per reasoning call; and each condition paired with the unperturbed episodes (same episode
+index) with the exact McNemar p; with --against, each condition paired with another model's runs of
+the same episodes.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main() -> int:
             cell = f"{sum(r.success for r in recs)}/{len(recs)}"
             cells.append(cell if acc is None else f"{cell} ({100 * acc:.1f}%)")
         print(f"| {sub} | " + " | ".join(cells) + " |")
+    other = _load(args.against, args.against_suffix) if args.against else None
     pooled, notes = [], []
     for cond in CONDITIONS:
         recs = [r for sub in SUBTASKS for r in runs.get((sub, cond), {}).values()]
@@ -102,8 +103,7 @@ def main() -> int:
             note += f"reasoning {100 * acc:.1f}% exact, {sum(words) / max(1, len(words)):.1f} words per call"
         if cond:
             note += f"; only unperturbed / only {cond.strip('-')}: {_paired(runs, '', runs, cond)}"
-        if args.against:
-            other = _load(args.against, args.against_suffix)
+        if other is not None:
             note += f"; only this model / only {args.against}: {_paired(runs, cond, other, cond)}"
         notes.append(note)
     print("| all five | " + " | ".join(pooled) + " |")
