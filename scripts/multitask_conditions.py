@@ -1,14 +1,15 @@
 """One multitask model under the paper's visual conditions, as the README's tables give it.
 
     .venv/bin/python scripts/multitask_conditions.py results/divla/multitask [--suffix -7k]
-        [--against results/divla/multitask-noinj [--against-suffix S]]
+        [--against results/divla/multitask-noinj [--against-suffix S]] [--first N]
 
 Reads PREFIX-<sub-task>[-<condition>3]SUFFIX/episodes.jsonl and prints, per sub-task and condition,
 successes with the mean per-episode reasoning accuracy (exact phrase; left out for a policy that
 writes none); the pooled row with Wilson 95% intervals; per condition the pooled reasoning accuracy
 and words per reasoning call; and each condition paired with the unperturbed episodes (same episode
 index) with the exact McNemar p; with --against, each condition paired with another model's runs of
-the same episodes.
+the same episodes. --first N keeps episodes 0..N-1 of every run, so that policies whose cells hold
+different numbers of episodes (100 in distribution, 20 under a condition) are compared on the same ones.
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ def _trace(record) -> list[dict]:
     return ast.literal_eval(trace) if isinstance(trace, str) else list(trace or [])
 
 
-def _load(prefix: str, suffix: str) -> dict:
+def _load(prefix: str, suffix: str, first: int | None = None) -> dict:
     runs = {}
     for sub in SUBTASKS:
         for cond in CONDITIONS:
             path = Path(f"{prefix}-{sub}{cond}{suffix}") / "episodes.jsonl"
             if path.exists():
-                runs[sub, cond] = {r.episode_index: r for r in EpisodeStore(path).load()}
+                records = EpisodeStore(path).load()
+                runs[sub, cond] = {
+                    r.episode_index: r for r in records if first is None or r.episode_index < first
+                }
     return runs
 
 
@@ -64,8 +68,11 @@ def main() -> int:
     parser.add_argument("--suffix", default="")
     parser.add_argument("--against", help="another model's prefix, paired condition by condition")
     parser.add_argument("--against-suffix", default="")
+    parser.add_argument("--first", type=int, help="keep only episodes 0..N-1 of every run")
     args = parser.parse_args()
-    runs = _load(args.prefix, args.suffix)
+    if args.first is not None and args.first < 1:
+        parser.error(f"--first must be a positive number of episodes, not {args.first}")
+    runs = _load(args.prefix, args.suffix, args.first)
     if not runs:
         print(
             f"error: no run directories {args.prefix}-<sub-task>[-<condition>3]{args.suffix}", file=sys.stderr
@@ -84,7 +91,7 @@ def main() -> int:
             cell = f"{sum(r.success for r in recs)}/{len(recs)}"
             cells.append(cell if acc is None else f"{cell} ({100 * acc:.1f}%)")
         print(f"| {sub} | " + " | ".join(cells) + " |")
-    other = _load(args.against, args.against_suffix) if args.against else None
+    other = _load(args.against, args.against_suffix, args.first) if args.against else None
     pooled, notes = [], []
     for cond in CONDITIONS:
         recs = [r for sub in SUBTASKS for r in runs.get((sub, cond), {}).values()]
