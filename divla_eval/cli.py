@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
     run.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
     run.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads per worker (default: the cores shared among the workers; 1 when other jobs "
+        "share the cores)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     lst = sub.add_parser("list", help="list registered tasks, policies, perturbations or objects")
@@ -265,7 +272,14 @@ def _cmd_run(args) -> int:
     options = "".join(f"-{k}{v}" for k, v in sorted(cfg.policy_options.items()))
     out = args.out or Path("runs") / f"{cfg.task}-{cfg.split}-{cfg.policy}{options}-seed{cfg.seed}"
     try:
-        summary = run(cfg, out, progress=not args.no_progress, video=args.video, workers=args.workers)
+        summary = run(
+            cfg,
+            out,
+            progress=not args.no_progress,
+            video=args.video,
+            workers=args.workers,
+            threads=args.threads,
+        )
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished episodes are saved in {out}; rerun the same command to resume",

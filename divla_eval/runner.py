@@ -412,18 +412,31 @@ class EpisodeWorker:
 
 
 def run(
-    cfg: RunConfig, run_dir: Path, progress: bool = True, video: bool = False, workers: int = 1
+    cfg: RunConfig,
+    run_dir: Path,
+    progress: bool = True,
+    video: bool = False,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> RunSummary:
     """Run (or resume) every planned episode of `cfg`, appending records to run_dir/episodes.jsonl.
 
     Results do not depend on `workers`: every episode's seeds come from its name, and each record is
-    written by this process as soon as its episode finishes.
+    written by this process as soon as its episode finishes. `threads`: torch threads per worker
+    process; by default each worker gets its share of the cores.
     """
     from divla_eval.policy import TORCH_THREADS_ENV
 
     # Learned policies run torch: give each worker process its share of the cores, not all of them
-    # (oversubscribed threads made one DiVLA call several times slower here).
-    os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, (os.cpu_count() or 1) // workers)))
+    # (oversubscribed threads made one DiVLA call several times slower here). Other jobs on the machine
+    # are invisible to that share: an OpenVLA run with 2 threads beside another 2-thread run on 2 cores
+    # took 190-550 ms per call instead of 11-14 ms, hence `threads` (`run --threads 1`).
+    if threads is not None and threads < 1:
+        raise DivlaEvalError(f"--threads must be a positive integer, got {threads}")
+    if threads is not None:
+        os.environ[TORCH_THREADS_ENV] = str(threads)
+    else:
+        os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, (os.cpu_count() or 1) // workers)))
 
     validate(cfg)
     if workers < 1:

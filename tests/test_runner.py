@@ -264,3 +264,41 @@ def test_an_interrupt_inside_robosuites_numba_controller_is_recognised():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _CountsThreads(_Exploding):
+    """Builds like a learned policy (takes its torch thread share) and records what torch then has."""
+
+    built_with: list[int] = []
+
+    def __init__(self, action_dim=7):
+        import torch
+
+        from divla_eval.policy import use_torch_thread_share
+
+        super().__init__(action_dim)
+        use_torch_thread_share()
+        _CountsThreads.built_with.append(torch.get_num_threads())
+
+    def infer(self, obs):
+        return ActionChunk(actions=[[0, 0, 0, 0, 0, 0, -1]])
+
+
+def test_threads_sets_the_torch_threads_of_a_learned_policy(tmp_path, monkeypatch):
+    import torch
+
+    from divla_eval.errors import DivlaEvalError
+    from divla_eval.policy import TORCH_THREADS_ENV
+
+    monkeypatch.setitem(POLICIES._targets, "counts_threads", _CountsThreads)
+    monkeypatch.setitem(POLICIES._descriptions, "counts_threads", "")
+    monkeypatch.setenv(TORCH_THREADS_ENV, "2")  # a share set earlier must not win over --threads
+    before = torch.get_num_threads()
+    try:
+        _CountsThreads.built_with = []
+        run(_cfg(policy="counts_threads", episodes=1, max_steps=2), tmp_path / "a", progress=False, threads=1)
+        assert _CountsThreads.built_with == [1]
+        with pytest.raises(DivlaEvalError, match="--threads must be a positive integer"):
+            run(_cfg(policy="counts_threads"), tmp_path / "b", progress=False, threads=0)
+    finally:
+        torch.set_num_threads(before)
