@@ -431,12 +431,12 @@ def run(
     # (oversubscribed threads made one DiVLA call several times slower here). Other jobs on the machine
     # are invisible to that share: an OpenVLA run with 2 threads beside another 2-thread run on 2 cores
     # took 190-550 ms per call instead of 11-14 ms, hence `threads` (`run --threads 1`).
-    if threads is not None and threads < 1:
-        raise DivlaEvalError(f"--threads must be a positive integer, got {threads}")
-    if threads is not None:
-        os.environ[TORCH_THREADS_ENV] = str(threads)
-    else:
+    if threads is None:
         os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, (os.cpu_count() or 1) // workers)))
+    elif threads < 1:
+        raise DivlaEvalError(f"--threads must be a positive integer, got {threads}")
+    else:
+        os.environ[TORCH_THREADS_ENV] = str(threads)
 
     validate(cfg)
     if workers < 1:

@@ -43,7 +43,7 @@ cell_name() {
 # run_cell TASK "DIFFICULTY SPLIT" POLICY CHECKPOINT OUT [more `divla-eval run` options]
 # evaluates one cell (resuming OUT if it has episodes) and writes its report. One torch thread per
 # worker (THREADS=N to change): these scripts run beside other jobs, and two runs of two threads each
-# on 2 cores made an OpenVLA call 15-50x slower.
+# on 2 cores made an OpenVLA call 14-50x slower.
 run_cell() {
   local task=$1 cell=$2 policy=$3 checkpoint=$4 out=$5 difficulty split
   shift 5
