@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from divla_eval.cli import main
-from divla_eval.data.collect import CollectConfig, collect, split_demos
+from divla_eval.data.collect import CollectConfig, collect, env_args, split_demos
 from divla_eval.errors import DivlaEvalError
 
 CFG = CollectConfig(task="bin_picking", split="seen", episodes=2, seed=1000, image_size=32)
@@ -64,6 +64,14 @@ def test_collect_writes_robomimic_layout(demo_file):
         valid = [n.decode() for n in f["mask/valid"][:]]
         assert sorted(train + valid) == names and len(valid) == 1
         assert isinstance(f["mask/train"][0], bytes)
+
+
+def test_bimanual_env_args_describe_both_arms():
+    """The metadata must size a 14-column action for the bimanual task, right arm (robot 0) first."""
+    space = env_args(CollectConfig(task="bussing"))["action_space"]
+    assert space["dim"] == 14 == len(space["dims"])
+    assert space["dims"][0] == "right_dx" and space["dims"][7] == "left_dx"
+    assert env_args(CollectConfig(task="bin_picking"))["action_space"]["dim"] == 7
 
 
 def test_demo_replays_from_its_stored_initial_state(demo_file):

@@ -16,14 +16,14 @@ File layout (robomimic's, plus what a VLA needs):
                              num_demos, num_episodes, num_failed, failed_episodes, sessions
     data/demo_<i>/           attrs: num_samples, instruction, episode_key, episode_index, object_ids,
                              seed (the scene seed), perturbations (their sampled parameters, JSON)
-        actions   [T, 7]       float32  OSC_POSE delta + gripper, the action taken at step t
+        actions   [T, 7 x arms] float32 OSC_POSE delta + gripper, the action taken at step t
         states    [T, S]       float64  MuJoCo state (time, qpos, qvel) before the action
         rewards   [T]          float64  1.0 on the step that succeeded
         dones     [T]          int64    1 at the last step
         reasoning [T]          utf-8    the expert's reasoning phrase at step t
         obs/front_image [T, H, W, 3] uint8   upright images drawn before the action
         obs/wrist_image [T, H, W, 3] uint8
-        obs/proprio     [T, 11]      float32 eef position, rotation (2 matrix columns), finger joints
+        obs/proprio     [T, 11 x arms] float32 eef position, rotation (2 matrix columns), finger joints
     mask/train, mask/valid   demo names (bytes), a deterministic ~90/10 split
 
 There is no `next_obs`: it would double the file for nothing a chunked policy uses; robomimic readers
@@ -57,14 +57,28 @@ DEFAULT_SEED = 1000
 VALID_FRACTION = 0.1
 FORMAT_VERSION = 2
 """2: proprioception holds the rotation as two matrix columns (1 held a sign-ambiguous quaternion)."""
-ACTION_SPACE = {
-    "type": "OSC_POSE delta + gripper",
-    "dim": 7,
-    "low": -1.0,
-    "high": 1.0,
-    "dims": ["dx", "dy", "dz", "dax", "day", "daz", "gripper"],
-    "scale": "0.05 m and 0.5 rad per unit; gripper -1 open, +1 close",
-}
+ARM_ACTION = ["dx", "dy", "dz", "dax", "day", "daz", "gripper"]
+
+
+def action_space(num_arms: int = 1) -> dict:
+    """The action layout written into env_args: 7 numbers per arm, robot 0 (the right arm) first.
+
+    Bimanual files used to say `dim: 7` like single-arm ones while holding 14 columns; readers that
+    size a model from this metadata would have built the wrong head.
+    """
+    dims = (
+        ARM_ACTION
+        if num_arms == 1
+        else [f"{arm}_{d}" for arm in ("right", "left")[:num_arms] for d in ARM_ACTION]
+    )
+    return {
+        "type": "OSC_POSE delta + gripper" + ("" if num_arms == 1 else " per arm, right arm first"),
+        "dim": len(dims),
+        "low": -1.0,
+        "high": 1.0,
+        "dims": dims,
+        "scale": "0.05 m and 0.5 rad per unit; gripper -1 open, +1 close",
+    }
 
 
 @dataclass(frozen=True)
@@ -176,7 +190,7 @@ def env_args(cfg: CollectConfig) -> dict:
         "seed": cfg.seed,
         "image_size": cfg.image_size,
         "control_freq": CONTROL_FREQ,
-        "action_space": ACTION_SPACE,
+        "action_space": action_space(len(task.robots)),
         "camera_names": list(CAMERAS),
         "mujoco_camera_names": {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA},
         "object_library_hash": library_hash(),
