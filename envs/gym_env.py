@@ -19,7 +19,8 @@ from divla_eval.envs.perturbations import AppearanceSnapshot, resolve
 
 CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA, "wrist_left": WRIST_CAMERA_LEFT}
 PROPRIO_DIM = 11  # per arm: position 3, rotation 6 (two matrix columns), fingers 2
-ACTION_DIM = 7  # per arm
+ARM_ACTION_NAMES = ("dx", "dy", "dz", "dax", "day", "daz", "gripper")  # OSC_POSE delta + gripper
+ACTION_DIM = len(ARM_ACTION_NAMES)  # per arm; robot 0 (the right arm) first when there are two
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-:;()!?"
 
 

@@ -57,19 +57,20 @@ DEFAULT_SEED = 1000
 VALID_FRACTION = 0.1
 FORMAT_VERSION = 2
 """2: proprioception holds the rotation as two matrix columns (1 held a sign-ambiguous quaternion)."""
-ARM_ACTION = ["dx", "dy", "dz", "dax", "day", "daz", "gripper"]
 
 
 def action_space(num_arms: int = 1) -> dict:
-    """The action layout written into env_args: 7 numbers per arm, robot 0 (the right arm) first.
+    """The action layout written into env_args: the env's per-arm action, robot 0 (the right arm) first.
 
     Bimanual files used to say `dim: 7` like single-arm ones while holding 14 columns; readers that
     size a model from this metadata would have built the wrong head.
     """
+    from divla_eval.envs.gym_env import ARM_ACTION_NAMES
+
     dims = (
-        ARM_ACTION
+        list(ARM_ACTION_NAMES)
         if num_arms == 1
-        else [f"{arm}_{d}" for arm in ("right", "left")[:num_arms] for d in ARM_ACTION]
+        else [f"{arm}_{d}" for arm in ("right", "left")[:num_arms] for d in ARM_ACTION_NAMES]
     )
     return {
         "type": "OSC_POSE delta + gripper" + ("" if num_arms == 1 else " per arm, right arm first"),
