@@ -41,15 +41,16 @@ cell_name() {
 }
 
 # run_cell TASK "DIFFICULTY SPLIT" POLICY CHECKPOINT OUT [more `divla-eval run` options]
-# evaluates one cell (resuming OUT if it has episodes) and writes its report. One torch thread per
+# (CHECKPOINT "-": a policy without one, e.g. random) evaluates one cell (resuming OUT if it has episodes) and writes its report. One torch thread per
 # worker (THREADS=N to change): these scripts run beside other jobs, and two runs of two threads each
 # on 2 cores made an OpenVLA call 14-50x slower.
 run_cell() {
   local task=$1 cell=$2 policy=$3 checkpoint=$4 out=$5 difficulty split
   shift 5
   read -r difficulty split <<<"$cell"
-  local args=(--task "$task" --split "$split" --policy "$policy" --checkpoint "$checkpoint"
+  local args=(--task "$task" --split "$split" --policy "$policy"
               --workers "${WORKERS:-2}" --threads "${THREADS:-1}" --no-progress --out "$out")
+  if [[ $checkpoint != - ]]; then args+=(--checkpoint "$checkpoint"); fi
   if [[ $difficulty != - ]]; then args+=(--difficulty "$difficulty"); fi
   if [[ -n $episodes ]]; then args+=(--episodes "$episodes"); fi
   .venv/bin/divla-eval run "${args[@]}" "$@"
