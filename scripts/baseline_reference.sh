@@ -8,7 +8,8 @@
 #         sorting (easy/hard x seen/mixed), bussing (seen, mixed); see scripts/lib/recipes.sh
 #   STAGE: train, eval, eval-visual (multitask or bin picking again under distractors, background
 #          and lighting at level 3), or all; default: train and eval
-#   EPISODES=N episodes per cell (default 100; bin picking: all 102); WORKERS=N (default 2)
+#   EPISODES=N episodes per cell (default 100; bin picking: all 102); WORKERS=N (default 2);
+#   CELLS="easy-seen easy-mixed" only those cells (names as in the run directories)
 # Run DiVLA's script of the task first: it collects the demos. Training resumes from its last
 # checkpoint and evaluation from its last episode when rerun. After training, the model is shipped as
 # an fp16 copy in checkpoints/POLICY-TAG (runs/ is not in git and goes with the machine) and the

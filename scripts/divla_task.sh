@@ -7,7 +7,8 @@
 #       sorting: 150 easy + 150 hard demos on seen objects; evaluated easy/hard x seen/mixed
 #       bussing: 300 demos on seen objects (the two-arm head); evaluated on seen and mixed
 #   EPISODES=N (default 100) episodes per evaluation cell; WORKERS=N (default 2) processes for
-#   demos and evaluation; NOINJ=1 the reasoning-injection ablation on the same demos.
+#   demos and evaluation; NOINJ=1 the reasoning-injection ablation on the same demos; CELLS="NAME ..."
+#   only those evaluation cells (e.g. CELLS="easy-seen easy-mixed").
 # The baselines train on the same files and run the same cells: TASK=sorting scripts/baseline_reference.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

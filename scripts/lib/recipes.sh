@@ -8,6 +8,7 @@ VISUAL_CONDITIONS=(distractors background lighting)  # the paper's visual-genera
 #   demo_files  the demonstration files every policy trains on (collected by DiVLA's script of the task)
 #   cells       the evaluation cells of the paper's table, each "DIFFICULTY SPLIT" ("-": no difficulty)
 #   episodes    episodes per cell: EPISODES, else 100; empty for bin picking (all 102 unseen objects)
+# CELLS="NAME ..." restricts the cells to those names (see cell_name).
 #   tag         the short name of the task's training runs
 recipe() {
   local t
@@ -31,6 +32,22 @@ recipe() {
   esac
   episodes=${EPISODES:-100}
   if [[ $1 == bin_picking && -z ${EPISODES:-} ]]; then episodes=; fi
+  if [[ -n ${CELLS:-} ]]; then select_cells "$1"; fi
+}
+
+# select_cells TASK keeps only the cells named in CELLS (space-separated cell names, e.g.
+# CELLS="easy-seen easy-mixed"), to spend a short session on part of a table
+select_cells() {
+  local kept=() c names=()
+  for c in "${cells[@]}"; do
+    names+=("$(cell_name "$c")")
+    if [[ " $CELLS " == *" $(cell_name "$c") "* ]]; then kept+=("$c"); fi
+  done
+  if [[ ${#kept[@]} -eq 0 ]]; then
+    echo "CELLS='$CELLS' names none of $1's cells: ${names[*]}" >&2
+    return 2
+  fi
+  cells=("${kept[@]}")
 }
 
 # cell_name "DIFFICULTY SPLIT": the cell's part of a run directory's name, e.g. hard-mixed or unseen
