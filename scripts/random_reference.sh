@@ -6,7 +6,8 @@
 #   [TASK=T] [STAGE=eval|eval-visual] [EPISODES=N] scripts/random_reference.sh
 #   TASK: bin_picking (default), multitask, sorting, bussing; STAGE: eval (default) or eval-visual
 #   (distractors, background and lighting at level 3); EPISODES=N per cell (default 100);
-#   WORKERS=N (default 2); CELLS="NAME ..." only those cells. Records go to results/random/TASK-CELL[-CONDITION3]; a rerun resumes.
+#   WORKERS=N (default 2); CELLS="NAME ..." only those cells. Records go to
+#   results/random/TASK-CELL[-CONDITION3]; a rerun resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/recipes.sh

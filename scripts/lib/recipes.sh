@@ -8,8 +8,8 @@ VISUAL_CONDITIONS=(distractors background lighting)  # the paper's visual-genera
 #   demo_files  the demonstration files every policy trains on (collected by DiVLA's script of the task)
 #   cells       the evaluation cells of the paper's table, each "DIFFICULTY SPLIT" ("-": no difficulty)
 #   episodes    episodes per cell: EPISODES, else 100; empty for bin picking (all 102 unseen objects)
-# CELLS="NAME ..." restricts the cells to those names (see cell_name).
 #   tag         the short name of the task's training runs
+# CELLS="NAME ..." restricts the cells to those names (see cell_name and select_cells).
 recipe() {
   local t
   case "$1" in
@@ -41,7 +41,7 @@ select_cells() {
   local kept=() c names=()
   for c in "${cells[@]}"; do
     names+=("$(cell_name "$c")")
-    if [[ " $CELLS " == *" $(cell_name "$c") "* ]]; then kept+=("$c"); fi
+    if [[ " $CELLS " == *" ${names[-1]} "* ]]; then kept+=("$c"); fi
   done
   if [[ ${#kept[@]} -eq 0 ]]; then
     echo "CELLS='$CELLS' names none of $1's cells: ${names[*]}" >&2
@@ -58,9 +58,9 @@ cell_name() {
 }
 
 # run_cell TASK "DIFFICULTY SPLIT" POLICY CHECKPOINT OUT [more `divla-eval run` options]
-# (CHECKPOINT "-": a policy without one, e.g. random) evaluates one cell (resuming OUT if it has episodes) and writes its report. One torch thread per
-# worker (THREADS=N to change): these scripts run beside other jobs, and two runs of two threads each
-# on 2 cores made an OpenVLA call 14-50x slower.
+# evaluates one cell (resuming OUT if it has episodes) and writes its report; CHECKPOINT "-" is for a
+# policy without one (random). One torch thread per worker (THREADS=N to change): these scripts run
+# beside other jobs, and two runs of two threads each on 2 cores made an OpenVLA call 14-50x slower.
 run_cell() {
   local task=$1 cell=$2 policy=$3 checkpoint=$4 out=$5 difficulty split
   shift 5
