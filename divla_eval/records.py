@@ -82,6 +82,9 @@ class EpisodeRecord:
     """{"exact", "subtask", "object"} shares over the scored calls (see divla_eval.reasoning)."""
     policy_options: dict = field(default_factory=dict)
     """The policy's inference options (`--policy-option`); empty: the checkpoint's own settings."""
+    policy_info: dict = field(default_factory=dict)
+    """Where the actions came from beyond the name and checkpoint (`PolicyMetadata.info`): for a remote
+    policy the server's URL and metadata and whether its sampling was seeded per episode."""
 
     def to_json(self) -> str:
         """One line of JSON (sorted keys, so files diff cleanly)."""

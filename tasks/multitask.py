@@ -27,7 +27,9 @@ Success:
     - select_object: the named object's lowest point is more than 5 cm above the table and the gripper
       holds it.
     - flip_pot: the pot's axis is within 20 degrees of vertical (opening up), it moves slower than
-      5 cm/s and the gripper no longer holds it.
+      5 cm/s and the gripper no longer holds it, and at some step the gripper held the pot with its
+      lowest point more than 5 cm above the table (version 2). Without that lift, pressing or nudging
+      the lying pot could right it: the random policy did so in 4 of 100 episodes under version 1.
     - cube_to_colour_box / cube_in_box: the cube's centre is inside the named (the) box, between its
       inner walls and below its rim, it moves slower than 5 cm/s and is not held.
     - cup_on_plate: the cup stands upright (within 20 degrees) on the plate: its centre is within the
@@ -65,7 +67,7 @@ INSTRUCTIONS = {
 }
 FAILURE_MODES = {
     "select_object": ("no_grasp", "wrong_object", "dropped", "timeout"),
-    "flip_pot": ("no_grasp", "dropped", "not_upright", "timeout"),
+    "flip_pot": ("no_grasp", "dropped", "not_lifted", "not_upright", "timeout"),
     "cube_to_colour_box": ("no_grasp", "wrong_box", "outside_box", "dropped", "timeout"),
     "cup_on_plate": ("no_grasp", "tipped", "off_plate", "dropped", "timeout"),
     "cube_in_box": ("no_grasp", "outside_box", "dropped", "timeout"),
@@ -80,6 +82,7 @@ SELECT_COUNT = 4
 LIFT_HEIGHT = 0.05
 REST_SPEED = 0.05
 UPRIGHT_COS = float(np.cos(np.radians(20.0)))
+LIFTED_CLEARANCE = 0.05  # flip_pot: the held pot's lowest point above the table that counts as lifted
 
 CUBE_HALF = 0.02
 BOX_SIZE = (0.14, 0.14, 0.07)  # full outer size of an open box
@@ -590,6 +593,14 @@ class FlipPotEpisode(MultiTaskEpisode):
 
     def __init__(self, spec: EpisodeSpec):
         super().__init__(spec, (Part("pot"),), INSTRUCTIONS["flip_pot"])
+        self.lifted = False
+        """The gripper has held the pot clear of the table (`LIFTED_CLEARANCE`): the paper's flip is a
+        manipulation, and a pot pressed or pushed upright without it does not count."""
+
+    def on_step(self, env) -> None:
+        super().on_step(env)
+        if self._held and not self.lifted:
+            self.lifted = bool(env.object_aabb(self.target)[0][2] > TABLE_TOP_Z + LIFTED_CLEARANCE)
 
     def _drop_height(self) -> float:
         return 0.04
@@ -598,7 +609,7 @@ class FlipPotEpisode(MultiTaskEpisode):
         return bool(_pose(env, 0)[1][2, 2] > UPRIGHT_COS)
 
     def evaluate(self, env) -> Evaluation:
-        ok = self._upright(env) and _resting(env, 0)
+        ok = self.lifted and self._upright(env) and _resting(env, 0)
         return Evaluation(success=ok, partial_score=float(ok))
 
     def failure_mode(self, env) -> str:
@@ -608,6 +619,8 @@ class FlipPotEpisode(MultiTaskEpisode):
             return "timeout"
         if self.dropped:
             return "dropped"
+        if not self.lifted:
+            return "not_lifted"
         return "not_upright"
 
     def expert(self, env) -> ExpertAction:
@@ -642,7 +655,8 @@ class MultiTask(Task):
     """The five Franka tasks; see the module docstring. One split per sub-task, so reports group by it."""
 
     name: str = "multitask"
-    version: str = "1"
+    version: str = "2"
+    """2: flip_pot needs the pot lifted in the gripper (a pot pressed upright no longer counts)."""
     splits: tuple[str, ...] = SUBTASKS
     max_steps: int = DEFAULT_MAX_STEPS
 

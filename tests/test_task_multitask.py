@@ -165,10 +165,25 @@ def test_pot_upright_predicate(env, quat, expected):
     ep = env.episode
     assert not ep.evaluate(env.sim).success  # it starts on its side
     _place(env, 0, np.array([0.12, 0.2, TABLE_TOP_Z + POT_HALF + 0.07]), quat, settle=30)
+    # version 2: a pot that stands upright without ever having been lifted in the gripper (pressed or
+    # pushed over, as the random policy did 4 times in 100) is no success
+    assert not ep.evaluate(env.sim).success
+    ep.ever_grasped = True
+    assert ep.failure_mode(env.sim) == "not_lifted"
+    ep.lifted = True
     assert ep.evaluate(env.sim).success is expected
     if not expected:
-        ep.ever_grasped = True
         assert ep.failure_mode(env.sim) == "not_upright"
+
+
+def test_flip_pot_counts_a_lift_only_while_held(env):
+    """`lifted` is set by a step in which the gripper holds the pot clear of the table, never by the
+    pot being high alone (it spawns above the table and falls)."""
+    env.reset(options={"episode": _spec("flip_pot", 0)})
+    ep = env.episode
+    _place(env, 0, np.array([0.12, 0.2, TABLE_TOP_Z + POT_HALF + 0.2]), (1, 0, 0, 0), settle=0)
+    ep.on_step(env.sim)
+    assert not ep.lifted  # high, but not held
 
 
 def test_cup_on_plate_predicate(env):
