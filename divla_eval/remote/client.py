@@ -75,12 +75,13 @@ def _connect(url: str, connect_timeout: float, max_size: int | None = None):
                 ) from None
             raise DivlaEvalError(f"the policy server at {url} answered HTTP {status}") from None
         except (OSError, TimeoutError) as exc:
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise RemoteServerGone(
                     f"cannot reach the policy server at {url} within {connect_timeout:g} s ({exc}); "
                     "start it with `divla-eval serve ...` and rerun (finished episodes are kept)"
                 ) from None
-            time.sleep(delay)
+            time.sleep(min(delay, remaining))
             delay = min(2.0, delay * 2)
     try:
         first = conn.recv(timeout=connect_timeout)
@@ -230,7 +231,8 @@ class RemotePolicy:
             self._conn = None
 
     def __del__(self):
-        self.close()
+        if hasattr(self, "_conn"):  # not when __init__ failed before connecting
+            self.close()
 
 
 def _info(url: str, server: dict) -> dict:

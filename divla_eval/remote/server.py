@@ -268,7 +268,8 @@ class PolicyServer:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
+        """Close the server and its connections and wait for its thread; calling it twice is harmless."""
+        if self._loop is not None and self._server is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._server.close)
         if self._thread is not None:
             self._thread.join(timeout=10)
