@@ -8,6 +8,8 @@ The output directory is the policy checkpoint (loadable with `--checkpoint OUT`)
     train_log.jsonl     one line per logged step (losses, learning rate, seconds)
     losses.png          the loss curves
     checkpoint/         the latest periodic checkpoint: raw and EMA weights, optimiser, trainer state.
+    snapshots/step-N/   with `snapshot_every`: the saved policy (EMA weights) at every N steps, kept, for
+                        learning curves (`divla-eval curve`).
 Interrupting loses at most `checkpoint_every` steps: rerunning the same command resumes from
 checkpoint/, with the data order derived from (seed, step) so the continuation is deterministic.
 """
@@ -18,6 +20,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,12 +130,28 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 10
+    schedule: str = "cosine"
+    """Learning rate after the warm-up: "cosine" decays to 10% at `steps` (Diffusion Policy's and
+    OpenVLA's shape; the budget is then part of the recipe, so a longer budget is another run);
+    "constant" keeps `lr`, so that the snapshot at step s of a long run is the model an s-step run
+    would have made, one run gives a whole learning curve, and it can be extended without restarting
+    (the EMA of the weights does the averaging the decay would)."""
+    snapshot_every: int = 0
+    """Save the policy (EMA weights) to snapshots/step-N/ every N steps, kept for learning curves;
+    0: none. Not part of the recipe: it changes what is kept, not what is trained."""
     ema_decay: float = 0.999
     """The saved policy is an exponential moving average of the weights (Diffusion Policy evaluates its
     EMA weights; raw weights sample noisier actions). 0 saves the raw weights."""
     threads: int = 2
     """torch threads. On a machine shared with other jobs use 1: with 2, every operation waits for
     the slower thread, and steps were many times slower here while a simulation held the other core."""
+    grad_accum: int = 1
+    """Micro-batches of `batch_size` whose gradients are summed before each optimiser step: an
+    effective batch of batch_size * grad_accum (times the processes under `accelerate launch`) when
+    one batch does not fit in memory. Part of the recipe when != 1 (another effective batch)."""
+    device: str = "auto"
+    """`divla_eval.device.resolve_device` spec: auto, cpu, cuda, cuda:N or mps. Where the steps run
+    (bf16 autocast on CUDA), not what is trained: no part of the resume key, like `threads`."""
     options: dict[str, Any] = field(default_factory=dict)
     """Policy config overrides, e.g. {"reasoning_injection": False}."""
 
@@ -143,8 +162,13 @@ class TrainConfig:
     def resume_key(self) -> dict:
         """What must match to resume (steps may grow: training further is allowed)."""
         d = dataclasses.asdict(self)
-        for name in ("steps", "out", "threads"):  # threads change the speed, not the result's recipe
+        # threads and the device change the speed and snapshots what is kept, not the result's recipe
+        for name in ("steps", "out", "threads", "snapshot_every", "device"):
             d.pop(name)
+        if d["schedule"] == "cosine":
+            del d["schedule"]  # the default is left out, so runs started before the option still resume
+        if d["grad_accum"] == 1:
+            del d["grad_accum"]  # likewise
         d["demos"] = self.demos_label(resolve=True)
         return json.loads(json.dumps(d, default=str))
 
@@ -196,21 +220,38 @@ def _check_inputs(cfg: TrainConfig) -> None:
         raise DivlaEvalError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise DivlaEvalError("--steps and --batch-size must be >= 1")
+    if cfg.schedule not in SCHEDULES:
+        raise DivlaEvalError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if cfg.snapshot_every < 0:
+        raise DivlaEvalError(f"--snapshot-every must be >= 0 (0: none), got {cfg.snapshot_every}")
+    if cfg.grad_accum < 1:
+        raise DivlaEvalError(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    from divla_eval.device import resolve_device
+
+    resolve_device(cfg.device)  # a device this machine lacks: one line, before any data is read
+
+
+SCHEDULES = ("cosine", "constant")
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% (Diffusion Policy's and OpenVLA's shape)."""
+    """Linear warm-up, then cosine decay to 10% (Diffusion Policy's and OpenVLA's shape) or constant."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _batches(dataset, cfg: TrainConfig, start_step: int):
+def _batches(dataset, cfg: TrainConfig, start_step: int, rank: int = 0, world: int = 1):
     """An endless stream of shuffled batches; epoch e's order comes from (seed, e), so a resumed run
-    sees the same batches it would have seen."""
+    sees the same batches it would have seen. `start_step` counts batches (micro-batches when
+    gradients accumulate). With `world` processes (DDP), each draws the same order and loads only its
+    share of every batch (rows rank, rank + world, ...): together they train on the batches one
+    process would."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     from divla_eval.data.dataset import collate
 
@@ -218,9 +259,19 @@ def _batches(dataset, cfg: TrainConfig, start_step: int):
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g, collate_fn=collate
-        )
+        if world == 1:
+            loader = DataLoader(
+                dataset,
+                batch_size=cfg.batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=g,
+                collate_fn=collate,
+            )
+        else:  # the sampler that shuffle=True builds, each batch cut to this process's rows
+            order = BatchSampler(RandomSampler(dataset, generator=g), cfg.batch_size, drop_last=True)
+            shard = _Shard(order, rank, world)
+            loader = DataLoader(dataset, batch_sampler=shard, generator=g, collate_fn=collate)
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
@@ -228,14 +279,79 @@ def _batches(dataset, cfg: TrainConfig, start_step: int):
         epoch, skip = epoch + 1, 0
 
 
+class _Shard:
+    """A batch sampler's batches, each cut to one process's rows (see `_batches`)."""
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _accelerator(cfg: TrainConfig):
+    """The `accelerate.Accelerator` of a training run: it places the model, autocasts (bf16 on CUDA),
+    scales and accumulates gradients and, under `accelerate launch` with several processes, wraps the
+    model in DistributedDataParallel. On the CPU in one process it changes no number: float32, no
+    wrapper, the same optimiser steps as a plain loop."""
+    import os
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from divla_eval.device import mixed_precision, resolve_device
+
+    device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ":" in device:
+        raise DivlaEvalError(
+            f"--device {cfg.device}: under `accelerate launch` every process takes its own GPU; "
+            "pass --device auto or cuda (choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    if device.startswith("cuda:"):  # one chosen GPU: accelerate places models on the current one
+        torch.cuda.set_device(device)
+    return Accelerator(
+        cpu=device == "cpu",
+        mixed_precision=mixed_precision(device),
+        gradient_accumulation_steps=cfg.grad_accum,
+        # a recipe may leave parameters out of a step (another robot's head): DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+class _Distributed:
+    """What a recipe's `loss` gets under DDP: calling it runs the DDP wrapper (whose backward averages
+    the gradients across processes); attributes (`cfg`, helpers such as Octo's `encode_text`) are the
+    model's own, so recipes need not know about the wrapper."""
+
+    def __init__(self, wrapped, model):
+        self._wrapped, self._model = wrapped, model
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train (or resume); returns a summary dict (steps, seconds, final losses, paths)."""
+    """Train (or resume); returns a summary dict (steps, seconds, final losses, paths, and
+    `main_process`: False in the other processes of a multi-process run, which write nothing)."""
     import torch
 
     from divla_eval.data.dataset import DemoDataset
 
     _check_inputs(cfg)
     recipe: Recipe = RECIPES.get(cfg.policy)
+    acc = _accelerator(cfg)  # before the thread count: a multi-CPU launch sets its own
+    if cfg.batch_size % acc.num_processes:
+        raise DivlaEvalError(
+            f"--batch-size {cfg.batch_size} must divide among the {acc.num_processes} processes"
+        )
     torch.set_num_threads(cfg.threads)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
 
@@ -250,12 +366,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             f"{dataset.path} has {len(dataset)} samples, fewer than one batch of {cfg.batch_size}"
         )
     try:
-        return _train_on(dataset, cfg, recipe, progress)
+        return _train_on(dataset, cfg, recipe, progress, acc)
     finally:
         dataset.close()  # the files can be written again once training is over
+        if acc.num_processes > 1:
+            acc.end_training()  # leaves the process group cleanly
 
 
-def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool) -> dict:
+def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) -> dict:
+    """The loop. Weights are built or loaded on the CPU and then moved to `acc.device`; random numbers
+    (noise, timesteps, image shifts) are drawn from a CPU generator and moved, so a run draws the same
+    ones on any device. Only the main process writes files."""
     import torch
     from tqdm.auto import tqdm
 
@@ -278,40 +399,53 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool) -> dict
     else:
         model = recipe.build(dataset, dict(cfg.options))
         ema = None
+    model = model.to(acc.device)
     if cfg.ema_decay > 0 and ema is None:
         ema = copy.deepcopy(model)
     if ema is not None:
-        ema.eval().requires_grad_(False)
+        ema.to(acc.device).eval().requires_grad_(False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if start:
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if start:  # saved from any device; load_state_dict moves the state to the parameters' device
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    main = acc.is_main_process
     if start >= cfg.steps:
-        print(f"{out}: already trained for {start} >= {cfg.steps} steps; nothing to do")
-        return _finish(cfg, recipe, model, ema, start, 0.0, dataset)
+        if main:
+            print(f"{out}: already trained for {start} >= {cfg.steps} steps; nothing to do")
+        return _finish(cfg, recipe, model, ema, start, 0.0, dataset, acc=acc)
 
+    wrapped = model if acc.num_processes == 1 else acc.prepare_model(model, device_placement=False)
+    net = model if wrapped is model else _Distributed(wrapped, model)
     log_path = out / "train_log.jsonl"
     # `seconds` is training time since step 0, summed over sessions (a resumed run continues the count)
-    offset = _truncate_log(log_path, start)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + start)
-    batches = _batches(dataset, cfg, start)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=f"train {cfg.policy}", unit="step")
+    offset = _truncate_log(log_path, start) if main else 0.0
+    # each process its own noise (process 0's is a one-process run's)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + start + (acc.process_index << 32))
+    batches = _batches(dataset, cfg, start * cfg.grad_accum, acc.process_index, acc.num_processes)
+    show = progress and main
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=f"train {cfg.policy}", unit="step")
     t0 = time.perf_counter()
     try:
-        with open(log_path, "a") as log:
+        with open(log_path if main else os.devnull, "a") as log:
             for step in range(start, cfg.steps):
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(cfg, step)
-                losses = recipe.loss(model, next(batches), gen)
                 opt.zero_grad(set_to_none=True)
-                losses["loss"].backward()
+                parts = []
+                for _ in range(cfg.grad_accum):  # accelerate scales each backward by 1 / grad_accum
+                    batch = _on_device(next(batches), acc.device)
+                    with acc.accumulate(wrapped):  # DDP averages the gradients at the last one only
+                        with acc.autocast():
+                            losses = recipe.loss(net, batch, gen)
+                        acc.backward(losses["loss"])
+                    parts.append({k: v.detach() for k, v in losses.items()})
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 if ema is not None:
                     _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    row = {k: round(float(v.detach()), 6) for k, v in losses.items()}
+                    row = _mean_losses(parts, acc)
                     seconds = round(offset + time.perf_counter() - t0, 2)
                     row.update(step=step, lr=_lr_at(cfg, step), seconds=seconds)
                     log.write(json.dumps(row) + "\n")
@@ -319,13 +453,35 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool) -> dict
                     bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if is_loss(k)})
                 bar.update(1)
                 done = step + 1
-                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                if main and cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                    _save_snapshot(cfg, recipe, ema if ema is not None else model, done, dataset)
+                if main and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     _save_checkpoint(cfg, recipe, model, ema, opt, done)
     except KeyboardInterrupt:
         bar.close()
         raise
     bar.close()
-    return _finish(cfg, recipe, model, ema, cfg.steps, time.perf_counter() - t0, dataset, opt)
+    return _finish(cfg, recipe, model, ema, cfg.steps, time.perf_counter() - t0, dataset, opt, acc=acc)
+
+
+def _on_device(batch: dict, device) -> dict:
+    """A collated batch on the training device (left as it is on the CPU)."""
+    if device.type == "cpu":
+        return batch
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device)
+
+
+def _mean_losses(parts: list[dict], acc) -> dict[str, float]:
+    """A step's logged losses: the mean over its micro-batches and, in a multi-process run, over the
+    processes (every process calls this at the same steps: the mean is a collective)."""
+    values = [sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]]
+    if acc.num_processes > 1:
+        import torch
+
+        values = acc.reduce(torch.tensor(values, device=acc.device), reduction="mean").tolist()
+    return {k: round(v, 6) for k, v in zip(parts[0], values)}
 
 
 def _ema_update(ema, model, decay: float) -> None:
@@ -390,10 +546,48 @@ def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, ema, opt, step: in
     (ckpt / "trainer_state.json.tmp").replace(ckpt / "trainer_state.json")
 
 
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_dirs(out: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every snapshot a training run kept, in step order."""
+    found = []
+    for d in (Path(out) / SNAPSHOTS).glob("step-*"):
+        if d.is_dir() and d.name[5:].isdigit():
+            found.append((int(d.name[5:]), d))
+    return sorted(found)
+
+
+def _save_snapshot(cfg: TrainConfig, recipe: Recipe, model, step: int, dataset) -> None:
+    """The policy as it stands at `step` (EMA weights), written beside the run and kept: the points of
+    a learning curve. Written to a temporary name and renamed, so a half-written one is never read."""
+    import shutil
+
+    final = Path(cfg.out) / SNAPSHOTS / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = {
+        "policy": cfg.policy,
+        "steps": step,
+        "demos": cfg.demos_label(),
+        "env_args": dataset.env_args,
+        "train_config": cfg.resume_key(),
+        "weights": "ema" if cfg.ema_decay > 0 else "raw",
+    }
+    was_training = model.training
+    model.eval()
+    recipe.save(model, tmp, meta)
+    model.train(was_training)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+
+
 def _finish(
-    cfg: TrainConfig, recipe: Recipe, model, ema, step: int, seconds: float, dataset, opt=None
+    cfg: TrainConfig, recipe: Recipe, model, ema, step: int, seconds: float, dataset, opt=None, acc=None
 ) -> dict:
     out = Path(cfg.out)
+    if acc is not None and not acc.is_main_process:  # the main process writes the results
+        return {"out": str(out), "steps": step, "seconds": seconds, "final": {}, "main_process": False}
     meta = {
         "policy": cfg.policy,
         "steps": step,
@@ -403,6 +597,12 @@ def _finish(
         "train_seconds_this_session": round(seconds, 1),
         "weights": "ema" if ema is not None else "raw",
     }
+    if acc is not None:  # where this session ran: a record, not part of the recipe
+        from divla_eval.device import describe_device
+
+        meta["device"] = describe_device(str(acc.device))
+        meta["processes"] = acc.num_processes
+        meta["mixed_precision"] = acc.mixed_precision
     model.eval()
     recipe.save(ema if ema is not None else model, out, meta)
     if opt is not None:
@@ -413,7 +613,7 @@ def _finish(
         names = " + ".join(p.name for p in cfg.demos)
         plot_losses(rows, out / "losses.png", title=f"{cfg.policy} on {names}")
     final = rows[-1] if rows else {}
-    return {"out": str(out), "steps": step, "seconds": seconds, "final": final}
+    return {"out": str(out), "steps": step, "seconds": seconds, "final": final, "main_process": True}
 
 
 def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
