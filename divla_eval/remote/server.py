@@ -77,6 +77,7 @@ def describe_policy(policy, name: str, options: dict | None = None) -> dict:
         "chunk": chunk,
         "execute_steps": meta.execute_steps,
         "cameras": list(meta.cameras),
+        "image_size": getattr(cfg, "image_size", None),  # the resolution the model was trained at
         "obs_horizon": meta.obs_horizon,
         "reasoning": meta.reasoning,
         "embodiment": embodiment,
