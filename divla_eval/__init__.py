@@ -1,0 +1,23 @@
+"""divla-eval: a simulation benchmark and evaluation harness for vision-language-action robot policies.
+
+`divla_eval.evaluate(policy, task=...)` evaluates a policy object or name from Python and returns an
+`EvaluationResult`. Both are loaded on first use, so `import divla_eval` stays light (no torch,
+robosuite or MuJoCo) for the command line and for packages that only declare a policy plugin.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from divla_eval.api import EvaluationResult, evaluate
+
+__all__ = ["EvaluationResult", "evaluate"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from divla_eval import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'divla_eval' has no attribute {name!r}")

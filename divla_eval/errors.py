@@ -15,20 +15,25 @@ class DivlaEvalError(Exception):
 class UnknownNameError(DivlaEvalError):
     """A registry lookup failed; carries the valid names so callers (and tests) need not parse text."""
 
-    def __init__(self, kind: str, name: str, valid: list[str], closest: str | None = None) -> None:
+    def __init__(
+        self, kind: str, name: str, valid: list[str], closest: str | None = None, hint: str = ""
+    ) -> None:
         self.kind = kind
         self.name = name
         self.valid = list(valid)
         self.closest = closest
+        self.hint = hint
         message = f"unknown {kind} {name!r}; valid: {', '.join(self.valid) if self.valid else '(none)'}"
         if closest is not None:
             message += f" (did you mean {closest!r}?)"
+        if hint:  # what else the name could be (policies: a 'package.module:factory' path)
+            message += f"; {hint}"
         super().__init__(message)
 
-    def __reduce__(self) -> tuple[type, tuple[str, str, list[str], str | None]]:
+    def __reduce__(self) -> tuple[type, tuple[str, str, list[str], str | None, str]]:
         # Exceptions pickle as cls(*args); spell out our constructor args so the error survives being
         # sent back from a worker process.
-        return (type(self), (self.kind, self.name, self.valid, self.closest))
+        return (type(self), (self.kind, self.name, self.valid, self.closest, self.hint))
 
 
 class ConfigMismatchError(DivlaEvalError):

@@ -75,9 +75,9 @@ def subprocess_server():
     """Start a server command in a subprocess on a free port; terminated at the end."""
     procs = []
 
-    def start(args: list[str]) -> int:
+    def start(args: list[str], port: int | None = None) -> int:
         """`args` end with the option that takes the port ("--port", or nothing for a positional)."""
-        port = free_port()
+        port = port or free_port()
         env = {**os.environ, "MUJOCO_GL": "egl", "DIVLA_EVAL_TORCH_THREADS": "1"}
         proc = subprocess.Popen(
             [*args, str(port)],
@@ -402,3 +402,44 @@ def test_run_against_no_server_stops_with_one_line(tmp_path, capsys):
     assert main([*args, "--task", "multitask", "--split", "flip_pot", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "cannot reach the policy server" in err and "Traceback" not in err
+
+
+DYING = textwrap.dedent(
+    """
+    import os
+    from divla_eval.policy import RandomPolicy
+
+    class DiesInSecondEpisode(RandomPolicy):
+        '''A served policy whose process dies when the run's episode 1 starts (its seed is not 0's).'''
+
+        first_seed = None
+
+        def reset(self, instruction, seed):
+            if DiesInSecondEpisode.first_seed is None:
+                DiesInSecondEpisode.first_seed = seed
+            elif seed != DiesInSecondEpisode.first_seed:
+                os._exit(3)
+            super().reset(instruction, seed)
+    """
+)
+
+
+def test_a_server_that_dies_mid_run_stops_it_with_one_line_and_the_rerun_resumes(
+    tmp_path, subprocess_server, capsys, monkeypatch
+):
+    (tmp_path / "dying_policy.py").write_text(DYING)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    serve = [sys.executable, "-m", "divla_eval.cli", "serve", "--port"]
+    port = subprocess_server([*serve[:-1], "--policy", "dying_policy:DiesInSecondEpisode", "--port"])
+    out = tmp_path / "run"
+    argv = ["run", "--task", "multitask", "--split", "select_object", "--episodes", "3", "--max-steps", "5"]
+    argv += ["--policy", "remote", "--policy-option", f"url=ws://127.0.0.1:{port}", "--out", str(out)]
+    argv += ["--policy-option", "connect_timeout=2", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "policy server" in err and "rerun" in err and "Traceback" not in err
+    assert [r["episode_index"] for r in _records(out)] == [0]  # what finished is kept
+    # the same command resumes once a server is back on the same address
+    subprocess_server([*serve[:-1], "--policy", "random", "--port"], port=port)
+    assert main(argv) == 0
+    assert [r["episode_index"] for r in _records(out)] == [0, 1, 2]
