@@ -62,6 +62,7 @@ def evaluate(
     matched_control: bool = False,
     threads: int | None = None,
     video: bool = False,
+    device: str = "auto",
 ) -> EvaluationResult:
     """Evaluate `policy` on `task` as `divla-eval run` does, and return the records and success rate.
 
@@ -72,6 +73,7 @@ def evaluate(
     a script must then start the run under `if __name__ == "__main__":`, which is checked before any
     worker starts. `split`: None takes "unseen" where the task has it, else its first split.
     `difficulty`: None takes the task's first. `perturbations`: ("lighting", 3) pairs or "lighting:3".
+    `device`: where a learned policy runs (auto: CUDA when present); see `divla_eval.device`.
     `out`: None writes into a new temporary directory, which is kept (`result.run_dir`); an existing
     run directory of the same config resumes, as on the command line.
     """
@@ -128,7 +130,16 @@ def evaluate(
         policy_options=options,
     )
     run_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"divla-eval-{task}-"))
-    summary = run(cfg, run_dir, progress=progress, video=video, workers=workers, threads=threads, policy=obj)
+    summary = run(
+        cfg,
+        run_dir,
+        progress=progress,
+        video=video,
+        workers=workers,
+        threads=threads,
+        policy=obj,
+        device=device,
+    )
     n = len(summary.records)
     k = sum(r.success for r in summary.records)
     return EvaluationResult(

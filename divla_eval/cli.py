@@ -7,6 +7,7 @@ Every mistake a user can make on the command line ends in one line on stderr,
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -60,6 +61,16 @@ def _value(text: str):
         return text
 
 
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """`--device`, the same on every command that runs a model (resolved by `divla_eval.device`, whose
+    one-line error names the devices this machine has)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="divla-eval", description="Simulation benchmark for vision-language-action policies."
@@ -72,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--objects", "--split", dest="split", default="unseen", help="object split, e.g. seen|unseen"
     )
     run.add_argument(
-        "--policy", default=None, help="registered policy (default: scripted, until a model ships)"
+        "--policy",
+        default=None,
+        help="registered policy (`divla-eval list policies`, plugins included) or package.module:factory "
+        "(default: the task's shipped DiVLA checkpoint, else scripted)",
     )
     run.add_argument("--difficulty", default=None, help="task difficulty, e.g. easy|hard for sorting")
     run.add_argument("--checkpoint", default=None, help="checkpoint directory for a learned policy")
@@ -117,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per worker (default: the cores shared among the workers; 1 when other jobs "
         "share the cores)",
     )
+    _add_device_argument(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     lst = sub.add_parser("list", help="list registered tasks, policies, perturbations or objects")
@@ -172,16 +187,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--out", type=Path, required=True, help="checkpoint directory (rerun to resume)")
     tr.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps in total")
-    tr.add_argument("--batch-size", type=_positive_int, default=32)
+    tr.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        help="samples per (micro-)batch, shared among the processes of `accelerate launch`",
+    )
     tr.add_argument("--lr", type=float, default=3e-4)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
+    tr.add_argument(
+        "--schedule",
+        default="cosine",
+        help="learning rate after warm-up: cosine (decays to 10%% at --steps) or constant (extendable: "
+        "a longer run's snapshots equal shorter runs)",
+    )
+    tr.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=0,
+        help="keep the policy every N steps in OUT/snapshots/step-N (learning curves; 0: none)",
+    )
     tr.add_argument(
         "--ema-decay", type=float, default=0.999, help="EMA of the weights to save (0: the raw weights)"
     )
     tr.add_argument(
         "--threads", type=_positive_int, default=2, help="torch threads (1 when other jobs share the cores)"
     )
+    tr.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=1,
+        help="micro-batches of --batch-size summed into each optimiser step (a larger effective batch)",
+    )
+    _add_device_argument(tr)
     tr.add_argument(
         "--option",
         type=_option,
@@ -191,6 +230,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="policy config override, e.g. reasoning_injection=false or alpha=1",
     )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cur = sub.add_parser(
+        "curve", help="learning curve: evaluate a training run's snapshots on a fixed grid, plot success"
+    )
+    cur.add_argument("train_dir", type=Path, help="a `divla-eval train --snapshot-every N` output directory")
+    cur.add_argument("--task", required=True, help="task whose cells are evaluated")
+    cur.add_argument(
+        "--split", action="append", default=[], help="cell (repeat it; default: every split of the task)"
+    )
+    cur.add_argument("--difficulty", default=None, help="task difficulty (default: the task's first)")
+    cur.add_argument("--episodes", type=_positive_int, default=20, help="per cell and snapshot (default 20)")
+    cur.add_argument("--seed", type=int, default=0, help="run seed: the same episodes for every snapshot")
+    cur.add_argument("--every", type=_positive_int, default=1, help="every k-th snapshot (the last always)")
+    cur.add_argument("--max-steps", type=_positive_int, default=None, help="cap each episode (a quick look)")
+    cur.add_argument("--out", type=Path, required=True, help="folder for the runs, curve.md/.csv/.png")
+    cur.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
+    cur.add_argument("--threads", type=_positive_int, default=None, help="torch threads per worker")
+    cur.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cur.add_argument(
+        "--table-only", action="store_true", help="only rebuild curve.md/.csv/.png from the runs"
+    )
+
+    srv = sub.add_parser(
+        "serve", help="serve a policy over openpi's websocket protocol (evaluate it with --policy remote)"
+    )
+    srv.add_argument(
+        "--policy", required=True, help="registered policy, e.g. divla, diffusion_policy, random"
+    )
+    srv.add_argument("--checkpoint", default=None, help="checkpoint directory for a learned policy")
+    srv.add_argument(
+        "--policy-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="inference option, as for `run` (the server's defaults for every client)",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Api-Key KEY' (default: $DIVLA_EVAL_API_KEY); needed off loopback",
+    )
+    srv.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=1,
+        help="stack up to N concurrent requests into one forward pass (policies with infer_batch)",
+    )
+    srv.add_argument("--max-wait-ms", type=float, default=0.0, help="wait this long for a batch to fill")
+    srv.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted")
+    srv.add_argument("--action-dim", type=_positive_int, default=7, help="for policies without a checkpoint")
+    srv.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all)")
+    _add_device_argument(srv)
 
     be = sub.add_parser("bench", help="time every policy's inference the same way (divla_eval.timing)")
     be.add_argument(
@@ -227,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--calls", type=_positive_int, default=50, help="timed calls per policy and variant")
     be.add_argument("--warmup", type=int, default=5, help="untimed calls before them")
     be.add_argument("--threads", type=_positive_int, default=1, help="torch threads (set explicitly)")
+    _add_device_argument(be)
     be.add_argument("--image-size", type=_positive_int, default=84, help="for policies without their own")
     be.add_argument("--out", type=Path, default=Path("results/bench"), help="writes speed.csv and speed.md")
     be.add_argument(
@@ -250,6 +345,10 @@ def _cmd_run(args) -> int:
     if args.policy is None:
         args.policy, default_checkpoint, note = default_policy(args.task)
         args.checkpoint = args.checkpoint or default_checkpoint
+    if ":" in args.policy and "" not in sys.path and str(Path.cwd()) not in sys.path:
+        # `--policy mypkg.policies:MyPolicy` finds mypkg in the current directory, as `python -m` would
+        # (a console script's path lacks it); appended, so it shadows nothing installed
+        sys.path.append(str(Path.cwd()))
     cfg = RunConfig(
         task=args.task,
         split=args.split,
@@ -266,11 +365,16 @@ def _cmd_run(args) -> int:
         policy_options=parse_policy_options(args.policy, dict(args.policy_option)),
     )
     validate(cfg)
+    from divla_eval.device import resolve_device
+
+    device = resolve_device(args.device)
     if note:
         print(note, file=sys.stderr)
     # other inference options are another run: the default directory is named after them
     options = "".join(f"-{k}{v}" for k, v in sorted(cfg.policy_options.items()))
-    out = args.out or Path("runs") / f"{cfg.task}-{cfg.split}-{cfg.policy}{options}-seed{cfg.seed}"
+    # a URL (remote) or module:factory name must not nest directories or need quoting
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", f"{cfg.task}-{cfg.split}-{cfg.policy}{options}-seed{cfg.seed}")
+    out = args.out or Path("runs") / name
     try:
         summary = run(
             cfg,
@@ -279,6 +383,7 @@ def _cmd_run(args) -> int:
             video=args.video,
             workers=args.workers,
             threads=args.threads,
+            device=device,
         )
     except KeyboardInterrupt:
         print(
@@ -373,8 +478,12 @@ def _cmd_train(args) -> int:
         lr=args.lr,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        schedule=args.schedule,
+        snapshot_every=args.snapshot_every,
         ema_decay=args.ema_decay,
         threads=args.threads,
+        grad_accum=args.grad_accum,
+        device=args.device,
         options={k: _value(v) for k, v in args.option},
     )
     if args.task is not None:
@@ -388,9 +497,107 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
         return 130
+    if not s.get("main_process", True):  # another process of `accelerate launch`: the main one reports
+        return 0
     losses = ", ".join(f"{k} {v:.4f}" for k, v in s["final"].items() if is_loss(k))
     print(f"trained {cfg.policy} for {s['steps']} steps ({s['seconds']:.0f} s this session): {losses}")
     print(f"checkpoint: {s['out']}  (evaluate: divla-eval run --policy {cfg.policy} --checkpoint {s['out']})")
+    return 0
+
+
+def _cmd_curve(args) -> int:
+    import shlex
+
+    from divla_eval.curves import CurveConfig, evaluate, write_curve
+
+    cfg = CurveConfig(
+        train_dir=args.train_dir,
+        task=args.task,
+        out=args.out,
+        splits=tuple(args.split),
+        difficulty=args.difficulty,
+        episodes=args.episodes,
+        seed=args.seed,
+        every=args.every,
+        max_steps=args.max_steps,
+        workers=args.workers,
+        threads=args.threads,
+    )
+    command = "divla-eval " + shlex.join(args.argv)
+    try:
+        if not args.table_only:
+            evaluate(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished episodes are saved in {cfg.out}; rerun to resume", file=sys.stderr)
+        return 130
+    md, png = write_curve(cfg, command)
+    print(f"wrote {md} and {png}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    import logging
+    import os
+
+    from divla_eval.policy import POLICIES, TORCH_THREADS_ENV, make_policy, parse_policy_options
+    from divla_eval.remote.client import API_KEY_ENV
+    from divla_eval.remote.server import PolicyServer
+
+    POLICIES.check_name(args.policy)
+    factory = POLICIES.get(args.policy)
+    if getattr(factory, "metadata", None) is not None and factory.metadata.privileged:
+        raise DivlaEvalError(
+            f"policy {args.policy!r} cannot be served: the scripted expert reads the simulator's state, "
+            "which a client does not send; serve a learned policy or random"
+        )
+    if args.policy == "remote":
+        raise DivlaEvalError("policy 'remote' is a client; serve the policy itself where it runs")
+    if args.checkpoint is None and getattr(factory, "requires_checkpoint", False):
+        raise DivlaEvalError(f"policy {args.policy!r} needs --checkpoint DIR")
+    if args.checkpoint is not None:
+        if not hasattr(factory, "from_pretrained"):
+            raise DivlaEvalError(
+                f"policy {args.policy!r} takes no checkpoint (got --checkpoint {args.checkpoint})"
+            )
+        check = getattr(factory, "check_checkpoint", None)
+        if check is not None:
+            check(args.checkpoint)
+    if not 0 <= args.port <= 65535:
+        raise DivlaEvalError(f"--port must be in 0..65535, got {args.port}")
+    if args.threads is not None:
+        os.environ[TORCH_THREADS_ENV] = str(args.threads)
+    options = parse_policy_options(args.policy, dict(args.policy_option))
+    from divla_eval.device import resolve_device
+
+    device = resolve_device(args.device)
+    policy = make_policy(
+        args.policy, args.checkpoint, action_dim=args.action_dim, options=options, device=device
+    )
+    server = PolicyServer(
+        policy,
+        args.policy,
+        host=args.host,
+        port=args.port,
+        options=options,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_message_mb=args.max_message_mb,
+    )
+    server.metadata["device"] = device
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    server.start()
+    print(
+        f"serving {args.policy} on {server.url} (health: http://{args.host}:{server.port}/healthz); "
+        f"evaluate it with: divla-eval run --policy remote --policy-option url={server.url}",
+        flush=True,
+    )
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        print("stopping the server", file=sys.stderr)
+    finally:
+        server.stop()
     return 0
 
 
@@ -505,7 +712,11 @@ def _cmd_bench(args) -> int:
         check_policy(name, args.task, checkpoints.get(name), options[name])
 
     progress = not args.no_progress
+    from divla_eval.device import describe_device, resolve_device
+
+    device = resolve_device(args.device)
     machine = machine_info()  # before any work of ours: its load average is the other jobs'
+    machine["device"] = describe_device(device)
     built = []
     with tempfile.TemporaryDirectory(prefix="divla-bench-") as work:
         # every policy is built before the scene's renderer exists: building an untrained model
@@ -513,7 +724,14 @@ def _cmd_bench(args) -> int:
         for name in tqdm(names, desc="build", disable=not progress):
             ckpt = checkpoints.get(name)
             policy, label = build_policy(
-                name, args.task, ckpt, args.image_size, Path(work), options[name], model_options[name]
+                name,
+                args.task,
+                ckpt,
+                args.image_size,
+                Path(work),
+                options[name],
+                model_options[name],
+                device=device,
             )
             built.append((name, policy, label))
     scene = SceneObservations(args.task)
@@ -588,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
             "collect": _cmd_collect,
             "train": _cmd_train,
             "bench": _cmd_bench,
+            "serve": _cmd_serve,
+            "curve": _cmd_curve,
         }[args.command](args)
     except DivlaEvalError as exc:
         print(f"divla-eval: error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ privileged upper bound, bound to the live episode by the runner through `bind`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -58,6 +58,9 @@ class PolicyMetadata:
     """Consecutive environment steps the policy conditions on (Diffusion Policy: 2). Calls are
     `execute_steps` apart, so for > 1 the runner also hands the policy the observations of the
     `obs_horizon - 1` steps before each call through `observe(obs)`; the policy keeps the history."""
+    info: dict = field(default_factory=dict)
+    """Where the actions come from, beyond name and checkpoint (a remote policy: the server's URL and
+    metadata, and whether its sampling is seeded per episode); written into every episode record."""
 
 
 @runtime_checkable
@@ -65,7 +68,11 @@ class Policy(Protocol):
     """A registered policy factory is called as `factory(action_dim=...)` (or
     `from_pretrained(dir, **options)`). A learned policy's class declares the inference options its
     `from_pretrained` takes (`divla-eval run --policy-option KEY=VALUE`) as `INFERENCE_OPTIONS`, a
-    dict of option name -> type; a factory without one takes none."""
+    dict of option name -> type; a factory without one takes none. A factory without `from_pretrained`
+    that declares options gets them as keywords: `factory(action_dim=..., **options)`.
+
+    Factories from other packages are called the same way: `--policy package.module:factory`, or a
+    name that an installed distribution declares in the `divla_eval.policies` entry-point group."""
 
     metadata: PolicyMetadata
 
@@ -180,7 +187,11 @@ def use_torch_thread_share() -> None:
         torch.set_num_threads(threads)
 
 
-POLICIES: Registry = Registry("policy")
+PLUGIN_GROUP = "divla_eval.policies"
+"""The entry-point group through which an installed package names its policies (`divla-eval list
+policies` shows them with the package)."""
+
+POLICIES: Registry = Registry("policy", entry_point_group=PLUGIN_GROUP, import_paths=True)
 POLICIES.register("scripted", ScriptedPolicy, description="privileged scripted expert (upper bound)")
 POLICIES.register("random", RandomPolicy, description="uniform random actions (lower bound)")
 POLICIES.register(
@@ -197,6 +208,11 @@ POLICIES.register(
     "openvla",
     "divla_eval.baselines.openvla.policy:OpenVLAPolicy",
     description="OpenVLA baseline (Kim et al. 2024): 256-bin action tokens (needs --checkpoint)",
+)
+POLICIES.register(
+    "remote",
+    "divla_eval.remote.client:RemotePolicy",
+    description="a policy served over openpi's websocket protocol (--policy-option url=ws://HOST:PORT)",
 )
 POLICIES.register(
     "octo",
@@ -241,9 +257,64 @@ def default_policy(task: str) -> tuple[str, str | None, str]:
     )
 
 
+_PROTOCOL = (
+    "a policy has reset(instruction, seed), infer(observation) -> ActionChunk and a PolicyMetadata "
+    "`metadata` (see divla_eval.policy.Policy)"
+)
+
+
+def check_policy(policy, source: str):
+    """Return `policy` if it follows the Policy protocol, else raise one line saying what it lacks.
+    Checked where a policy object enters (a factory's result, an object given to `evaluate`) so that a
+    wrong object fails before any episode, not as an error in every episode's record."""
+    problems = [f"no {m}()" for m in ("reset", "infer") if not callable(getattr(policy, m, None))]
+    metadata = getattr(policy, "metadata", None)
+    if metadata is None:
+        problems.append("no metadata")
+    elif not isinstance(metadata, PolicyMetadata):
+        problems.append(f"its metadata is a {type(metadata).__name__}, not a PolicyMetadata")
+    if problems:
+        raise DivlaEvalError(
+            f"{source} is not a policy ({type(policy).__name__}: {', '.join(problems)}); {_PROTOCOL}"
+        )
+    return policy
+
+
+def policy_factory(name: str):
+    """The factory behind a policy name: a built-in, a `divla_eval.policies` entry point or a
+    'package.module:factory' import path. Checked as far as it can be without building anything: it
+    must be callable, and a class must have `reset` and `infer` (a function's result is checked by
+    `make_policy`)."""
+    factory = POLICIES.get(name)
+    if not callable(factory):
+        instance = callable(getattr(factory, "infer", None))
+        raise DivlaEvalError(
+            f"policy {name!r} is an object of type {type(factory).__name__}, not a factory (a class, or a "
+            "function that returns a policy)" + ("; name its class, not an instance" if instance else "")
+        )
+    if isinstance(factory, type):
+        missing = [m for m in ("reset", "infer") if not callable(getattr(factory, m, None))]
+        if missing:
+            raise DivlaEvalError(
+                f"policy {name!r}: class {factory.__name__} has no {' or '.join(missing)}(); {_PROTOCOL}"
+            )
+    return factory
+
+
+def _takes_device(fn) -> bool:
+    """Whether a callable names a `device` parameter (a bare **kwargs does not count: it may pass
+    everything on to something that takes no device)."""
+    import inspect
+
+    try:
+        return "device" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a readable signature
+        return False
+
+
 def inference_options(name: str) -> dict[str, type]:
     """The inference options a registered policy accepts (`--policy-option KEY=VALUE`): name -> type."""
-    return dict(getattr(POLICIES.get(name), "INFERENCE_OPTIONS", None) or {})
+    return dict(getattr(policy_factory(name), "INFERENCE_OPTIONS", None) or {})
 
 
 _BOOL_TEXT = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -260,7 +331,7 @@ def parse_policy_options(name: str, options: dict) -> dict:
             if not valid:
                 why = "it has no inference options"
                 if not hasattr(POLICIES.get(name), "from_pretrained"):
-                    why = "it loads no checkpoint, so it has no inference options"
+                    why = "it loads no checkpoint and declares no INFERENCE_OPTIONS"
                 raise DivlaEvalError(
                     f"policy {name!r} takes no --policy-option ({why}; valid: none); got {key}={value}"
                 )
@@ -287,14 +358,26 @@ def parse_policy_options(name: str, options: dict) -> dict:
 
 
 def make_policy(
-    name: str, checkpoint: str | None = None, action_dim: int = 7, options: dict | None = None
+    name: str,
+    checkpoint: str | None = None,
+    action_dim: int = 7,
+    options: dict | None = None,
+    device: str | None = None,
 ) -> Policy:
     """Build a registered policy (validated first by `runner.validate`) for an action space; `options`
-    are its inference options (`INFERENCE_OPTIONS`), passed to `from_pretrained(checkpoint, **options)`."""
-    factory = POLICIES.get(name)
+    are its inference options (`INFERENCE_OPTIONS`), passed to `from_pretrained(checkpoint, **options)`,
+    or to the factory itself when it loads no checkpoint. The result is checked against the protocol.
+    `device` (a resolved torch device, `divla_eval.device`) goes to a `from_pretrained` that names a
+    `device` parameter; policies without one (random, scripted, most plugins) run where they run."""
+    factory = policy_factory(name)
     options = parse_policy_options(name, options or {})
+    built = f"what policy {name!r} built"
     if checkpoint is not None:
-        return factory.from_pretrained(checkpoint, **options)
-    if options:
+        load = factory.from_pretrained
+        placed = {"device": device} if device is not None and _takes_device(load) else {}
+        return check_policy(load(checkpoint, **options, **placed), built)
+    if hasattr(factory, "from_options"):  # built from its options alone (remote: the server's URL)
+        return check_policy(factory.from_options(action_dim=action_dim, **options), built)
+    if options and hasattr(factory, "from_pretrained"):
         raise DivlaEvalError(f"policy {name!r}: inference options need a --checkpoint to load; got {options}")
-    return factory(action_dim=action_dim)
+    return check_policy(factory(action_dim=action_dim, **options), built)

@@ -92,17 +92,30 @@ def plan_episodes(cfg: RunConfig):
     ]
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check names and values before anything heavy is imported or any file is written."""
-    from divla_eval.envs.perturbations import LEVELS, PERTURBATIONS
-    from divla_eval.policy import POLICIES, parse_policy_options
+def validate(cfg: RunConfig, policy=None) -> None:
+    """Check names and values before anything heavy is imported or any file is written.
+
+    `policy`: a policy object given instead of a name (`divla_eval.evaluate`); it is checked against
+    the protocol, and `cfg.policy` is then only the name its records carry."""
+    from divla_eval.policy import check_policy, parse_policy_options, policy_factory
     from divla_eval.tasks import get_task
 
     task = get_task(cfg.task, **cfg.task_options)
     task.validate(cfg.split, cfg.difficulty)
-    POLICIES.check_name(cfg.policy)
-    factory = POLICIES.get(cfg.policy)
+    _validate_values(cfg)
+    if policy is not None:
+        check_policy(policy, "the policy object")
+        if cfg.checkpoint is not None or cfg.policy_options:
+            raise DivlaEvalError(
+                "a policy object is already built: load its checkpoint and set its inference options "
+                "when making it, not with checkpoint= or policy_options="
+            )
+        return
+    factory = policy_factory(cfg.policy)  # a built-in, a plugin or a module:factory path
     options = parse_policy_options(cfg.policy, cfg.policy_options)  # names and types
+    check = getattr(factory, "check_options", None)  # e.g. remote: a ws:// URL is given
+    if check is not None and cfg.checkpoint is None:
+        check(options)
     if cfg.checkpoint is None and getattr(factory, "requires_checkpoint", False):
         raise DivlaEvalError(
             f"policy {cfg.policy!r} needs --checkpoint DIR (train one with "
@@ -123,6 +136,12 @@ def validate(cfg: RunConfig) -> None:
             check_options = getattr(factory, "check_inference_options", None)
             if options and check_options is not None:  # ranges, against the checkpoint's config
                 check_options(options, config)
+
+
+def _validate_values(cfg: RunConfig) -> None:
+    """The checks of `validate` that do not concern the policy."""
+    from divla_eval.envs.perturbations import LEVELS, PERTURBATIONS
+
     for name, level in cfg.perturbations:
         PERTURBATIONS.check_name(name)
         if level not in LEVELS:
@@ -299,9 +318,24 @@ def exclusive(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+def policy_info(cfg: RunConfig, policy=None) -> dict:
+    """What the manifest says about the policy beyond its name and options: for a remote policy, the
+    server's metadata, read once here (this also waits for a server that is still starting, and ends
+    the run with one line when none answers). `policy`: a policy object (its metadata's `info`)."""
+    from divla_eval.policy import POLICIES, parse_policy_options
+
+    if policy is not None:
+        return dict(policy.metadata.info)
+    describe = getattr(POLICIES.get(cfg.policy), "describe", None)
+    if describe is None or cfg.checkpoint is not None:
+        return {}
+    return describe(**parse_policy_options(cfg.policy, cfg.policy_options))
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, policy=None) -> None:
     """Check that `run_dir` (made writable by `exclusive`, which holds it) belongs to this config and
-    task version, and write its manifest if it has none."""
+    task version, and write its manifest if it has none. `policy`: a policy object, as for `run`."""
+    from divla_eval.device import DEVICE_ENV, describe_device
     from divla_eval.envs.objects import library_hash
     from divla_eval.tasks import get_task, task_options
 
@@ -322,11 +356,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         )
     if manifest is None:
         extra = {
+            "policy_info": policy_info(cfg, policy),
             "run_id": uuid.uuid4().hex[:12],
             "task_version": task.version,
             "task_settings": {k: getattr(task, k) for k in task_options(cfg.task)},  # defaults included
             # the budget episodes actually get (it can depend on the split and the difficulty)
             "episode_max_steps": cfg.max_steps or task.max_steps_for(cfg.split, cfg.difficulty),
+            # where the policy ran (an execution detail, like threads: no part of the resume key)
+            "device": describe_device(os.environ.get(DEVICE_ENV, "cpu")),
             "object_library_hash": library_hash(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **environment_info(Path(__file__).resolve().parent),  # the harness's own git revision
@@ -349,18 +386,42 @@ class EpisodeWorker:
     """Owns one env and one policy and runs episodes one at a time, in the main process or a worker.
 
     Each worker process has its own simulator and renderer (DESIGN.md: one MuJoCo renderer per process).
+    `policy`: a policy object to use instead of building `cfg.policy`, or in a worker process its
+    pickled bytes (`policy_for_workers`), so that each worker has its own copy.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, video: bool):
+    def __init__(self, cfg: RunConfig, run_dir: Path, video: bool, policy=None):
+        from divla_eval.device import DEVICE_ENV
         from divla_eval.envs.gym_env import ACTION_DIM
+        from divla_eval.errors import UnknownNameError
         from divla_eval.policy import make_policy
         from divla_eval.tasks import get_task
 
         self.cfg, self.run_dir, self.video = cfg, run_dir, video
         arms = len(get_task(cfg.task, **cfg.task_options).robots)
-        self.policy = make_policy(
-            cfg.policy, cfg.checkpoint, action_dim=ACTION_DIM * arms, options=cfg.policy_options
-        )
+        if isinstance(policy, bytes):
+            policy = _unpickle_policy(policy)
+        if policy is not None:
+            self.policy = policy
+        else:
+            try:
+                self.policy = make_policy(
+                    cfg.policy,
+                    cfg.checkpoint,
+                    action_dim=ACTION_DIM * arms,
+                    options=cfg.policy_options,
+                    device=os.environ.get(DEVICE_ENV),  # set by `run`, like the thread share
+                )
+            except UnknownNameError as exc:
+                import multiprocessing
+
+                if multiprocessing.parent_process() is None:
+                    raise
+                raise DivlaEvalError(  # the parent knew the name: it was registered at run time
+                    f"{exc}. In a worker process: a policy registered by a script must be registered at "
+                    'its top level, outside `if __name__ == "__main__":` (workers re-run the script '
+                    "without that block), or pass the policy object to divla_eval.evaluate"
+                ) from exc
         self.env = self._make_env()
 
     def _make_env(self):
@@ -387,6 +448,8 @@ class EpisodeWorker:
             outcome.update(status="ok", error=None)
         except Exception as exc:
             raise_if_interrupted(exc)
+            if getattr(exc, "fatal", False):  # e.g. the policy server is gone: stop, keep what finished
+                raise
             episode = self.env.episode
             outcome = {
                 "success": False,
@@ -405,10 +468,14 @@ class EpisodeWorker:
             self.env = self._make_env()  # the old simulator may be in a broken state
         outcome["wall_time_s"] = time.perf_counter() - t0
         outcome["checkpoint_hash"] = self.policy.metadata.checkpoint_hash
+        outcome["policy_info"] = dict(self.policy.metadata.info)
         return outcome
 
     def close(self) -> None:
         self.env.close()
+        close = getattr(self.policy, "close", None)  # e.g. a remote policy's connection
+        if close is not None:
+            close()
 
 
 def run(
@@ -418,13 +485,19 @@ def run(
     video: bool = False,
     workers: int = 1,
     threads: int | None = None,
+    policy=None,
+    device: str = "auto",
 ) -> RunSummary:
     """Run (or resume) every planned episode of `cfg`, appending records to run_dir/episodes.jsonl.
 
     Results do not depend on `workers`: every episode's seeds come from its name, and each record is
     written by this process as soon as its episode finishes. `threads`: torch threads per worker
-    process; by default each worker gets its share of the cores.
+    process; by default each worker gets its share of the cores. `policy`: a policy object to run
+    instead of building `cfg.policy` (which then only names it in the records); with several workers
+    each gets its own pickled copy. `device`: where learned policies run (`divla_eval.device`), like
+    `threads` an execution detail: recorded in the manifest, no part of the resume key.
     """
+    from divla_eval.device import DEVICE_ENV, resolve_device
     from divla_eval.policy import TORCH_THREADS_ENV
 
     # Learned policies run torch: give each worker process its share of the cores, not all of them
@@ -437,21 +510,64 @@ def run(
         raise DivlaEvalError(f"--threads must be a positive integer, got {threads}")
     else:
         os.environ[TORCH_THREADS_ENV] = str(threads)
+    os.environ[DEVICE_ENV] = resolve_device(device)  # every worker process builds its policy there
 
-    validate(cfg)
+    validate(cfg, policy)
     if workers < 1:
         raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
+    sent = policy
+    if workers > 1:
+        from divla_eval.parallel import check_spawn_safe
+
+        check_spawn_safe()  # before the run directory is touched
+        if policy is not None:
+            sent = policy_for_workers(policy)
     with exclusive(run_dir):
-        return _run_locked(cfg, run_dir, progress, video, workers)
+        return _run_locked(cfg, run_dir, progress, video, workers, policy, sent)
 
 
-def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool, video: bool, workers: int) -> RunSummary:
+def policy_for_workers(policy) -> bytes:
+    """A policy object as worker processes receive it. cloudpickle sends a class defined in a script's
+    `__main__`, a notebook or `python -c` by value (plain pickle names it `__main__.X`, which a worker
+    of a notebook cannot find: it died unpickling it) and an importable one by reference."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(policy)
+    except Exception as exc:
+        raise DivlaEvalError(
+            f"the policy object cannot be sent to worker processes ({type(exc).__name__}: {exc}): use "
+            "workers=1, or give a 'package.module:factory' name so that each worker builds its own"
+        ) from exc
+
+
+def _unpickle_policy(data: bytes):
+    import pickle
+
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise DivlaEvalError(
+            f"a worker process could not rebuild the policy object ({type(exc).__name__}: {exc}): use "
+            "workers=1, or give a 'package.module:factory' name so that each worker builds its own"
+        ) from exc
+
+
+def _run_locked(
+    cfg: RunConfig,
+    run_dir: Path,
+    progress: bool,
+    video: bool,
+    workers: int,
+    policy=None,
+    sent: object = None,
+) -> RunSummary:
     from tqdm import tqdm
 
     from divla_eval.parallel import run_unordered
     from divla_eval.tasks import get_task
 
-    prepare_run_dir(cfg, run_dir)
+    prepare_run_dir(cfg, run_dir, policy)
     manifest = read_manifest(run_dir)
     store = EpisodeStore(run_dir / "episodes.jsonl")
     existing = store.load()
@@ -463,7 +579,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, progress: bool, video: bool, work
     successes = sum(r.success for r in existing)
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, unit="ep", desc=cfg.task)
     try:
-        outcomes = run_unordered(EpisodeWorker, (cfg, run_dir, video), todo, workers, "episodes")
+        outcomes = run_unordered(EpisodeWorker, (cfg, run_dir, video, sent), todo, workers, "episodes")
         for spec, outcome in outcomes:
             record = EpisodeRecord(
                 run_id=manifest["run_id"],

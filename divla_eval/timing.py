@@ -286,6 +286,7 @@ def write_profile(
         f"Command: `{command}`",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores{load}; torch {info['torch']}, {threads} thread(s); "
+        f"device {info.get('device', 'cpu')}; "
         f"Python {info['python']}; {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
     ]
@@ -389,12 +390,14 @@ def build_policy(
     workdir: Path | None = None,
     options: dict | None = None,
     model_options: dict | None = None,
+    device: str | None = None,
 ):
     """(policy, checkpoint label). The checkpoint given, else the one the repository ships, else the
     policy's untrained default config built by its training recipe from one fresh expert demo.
     `options`: its inference options (`INFERENCE_OPTIONS`), as `divla-eval run --policy-option`.
     `model_options`: a model config (sizes) to build untrained instead, e.g. to time DiVLA and OpenVLA
-    at a larger equal backbone than the shipped checkpoint's; every value is a training `--option`."""
+    at a larger equal backbone than the shipped checkpoint's; every value is a training `--option`.
+    `device`: a resolved torch device for learned policies (`make_policy`'s)."""
     from divla_eval.envs.gym_env import ACTION_DIM
     from divla_eval.policy import POLICIES, make_policy
     from divla_eval.tasks import get_task
@@ -405,12 +408,18 @@ def build_policy(
         if not getattr(POLICIES.get(name), "requires_checkpoint", False):
             raise DivlaEvalError(f"policy {name!r} has no model to size; --model-option does not apply")
         sizes = " ".join(f"{k}={v}" for k, v in model_options.items())
-        return _untrained(name, task, image_size, workdir, options, model_options), f"{UNTRAINED}, {sizes}"
+        untrained = _untrained(name, task, image_size, workdir, options, model_options, device)
+        return untrained, f"{UNTRAINED}, {sizes}"
     if checkpoint is not None:
-        return make_policy(name, checkpoint, action_dim=action_dim, options=options), _shown_path(checkpoint)
+        policy = make_policy(name, checkpoint, action_dim=action_dim, options=options, device=device)
+        return policy, _shown_path(checkpoint)
     if not getattr(POLICIES.get(name), "requires_checkpoint", False):
-        return make_policy(name, None, action_dim=action_dim, options=options), "no weights"
-    return _untrained(name, task, image_size, workdir, options), UNTRAINED
+        policy = make_policy(name, None, action_dim=action_dim, options=options)
+        server = policy.metadata.info.get("server")  # a remote policy: what the server says it runs
+        if server:
+            return policy, f"served {server.get('policy')} ({server.get('checkpoint_hash') or 'no weights'})"
+        return policy, "no weights"
+    return _untrained(name, task, image_size, workdir, options, device=device), UNTRAINED
 
 
 def _shown_path(path: str | Path) -> str:
@@ -428,6 +437,7 @@ def _untrained(
     workdir: Path | None,
     options: dict | None = None,
     model_options: dict | None = None,
+    device: str | None = None,
 ):
     from divla_eval.data.dataset import DemoDataset
     from divla_eval.policy import POLICIES, parse_policy_options
@@ -446,7 +456,8 @@ def _untrained(
     out = workdir / f"{name}-untrained"
     recipe.save(model, out, meta={"note": f"{UNTRAINED}, for timing only"})
     # the same loading path as a trained checkpoint
-    return POLICIES.get(name).from_pretrained(out, **parse_policy_options(name, options or {}))
+    placed = {} if device is None else {"device": device}  # every recipe's policy takes one
+    return POLICIES.get(name).from_pretrained(out, **parse_policy_options(name, options or {}), **placed)
 
 
 def _one_demo(task: str, image_size: int, workdir: Path) -> Path:
@@ -589,6 +600,7 @@ def write_outputs(df: pd.DataFrame, out: Path, command: str, info: dict | None =
         f"Command: `{command}`",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores{load}; torch {info['torch']}, {threads} thread(s); "
+        f"device {info.get('device', 'cpu')}; "
         f"Python {info['python']}; {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
         markdown_table(display_table(df)),

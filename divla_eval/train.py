@@ -491,7 +491,8 @@ def _ema_update(ema, model, decay: float) -> None:
 
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
+            if p.requires_grad:  # frozen weights (a pretrained backbone) equal their average already
+                e.lerp_(p, 1.0 - decay)
         for e, b in zip(ema.buffers(), model.buffers()):
             e.copy_(b)
 

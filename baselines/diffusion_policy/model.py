@@ -21,7 +21,7 @@ from torch import nn
 
 from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig, norm_groups
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
-from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers
+from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
 
 
 class ResidualBlock(nn.Module):
@@ -129,9 +129,7 @@ class DiffusionPolicyModel(NormalizationStats, nn.Module):
         repeat its last action and train like the rest ("stay put"), as in the paper."""
         cond = self.encode(images, proprio)
         x0 = self.normalize_actions(actions)
-        b, dev = x0.shape[0], x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=dev)
-        t = torch.randint(0, self.cfg.train_diffusion_steps, (b,), generator=generator, device=dev)
+        noise, t = training_noise(x0.shape, self.cfg.train_diffusion_steps, generator, x0.device)
         noisy = self.train_scheduler.add_noise(x0, noise, t)
         l_diff = F.mse_loss(self.unet(noisy, t, cond), noise)
         return {"loss": l_diff}

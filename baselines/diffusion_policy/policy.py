@@ -128,6 +128,32 @@ class DiffusionPolicy:
         )
         return ActionChunk(actions=actions[0].cpu().numpy().astype(np.float64))
 
+    @staticmethod
+    def infer_batch(policies: list[DiffusionPolicy], observations: list[Observation]) -> list[ActionChunk]:
+        """One forward pass for several sessions of the same model (the policy server's batching). Each
+        session draws its initial noise from its own generator, as `infer` would, so a session's
+        actions do not depend on who it was batched with (up to float rounding of the batched ops)."""
+        import torch
+
+        first = policies[0]
+        if any(p.model is not first.model or p.inference_steps != first.inference_steps for p in policies):
+            raise ValueError("infer_batch needs sessions of one model with one inference_steps")
+        cfg = first.model.cfg
+        views = []
+        for policy, obs in zip(policies, observations):
+            policy.observe(obs)
+            views.append(policy._history.tensors())
+        images = {c: torch.cat([v[0][c] for v in views]).to(first.device) for c in cfg.cameras}
+        proprio = torch.cat([v[1] for v in views]).to(first.device)
+        noise = torch.cat(
+            [
+                torch.randn((1, cfg.chunk, cfg.action_dim), generator=p._generator, device=p.device)
+                for p in policies
+            ]
+        )
+        actions = first.model.act(images, proprio, noise=noise, inference_steps=first.inference_steps)
+        return [ActionChunk(actions=a.cpu().numpy().astype(np.float64)) for a in actions]
+
     # --- construction and files ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(

@@ -31,7 +31,7 @@ from torch import nn
 from divla_eval.baselines.diffusion_policy.config import norm_groups
 from divla_eval.baselines.octo.config import OctoConfig, text_encoder_dir
 from divla_eval.errors import DivlaEvalError
-from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers
+from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
 
 TASK, OBS, READOUT = 0, 1, 2
 """Token kinds in the attention mask."""
@@ -264,9 +264,7 @@ class OctoModel(NormalizationStats, nn.Module):
         its last action, as for the other diffusion heads."""
         cond = self.readout(images, proprio, text)
         x0 = self.normalize_actions(actions)
-        b, dev = x0.shape[0], x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=dev)
-        t = torch.randint(0, self.cfg.train_diffusion_steps, (b,), generator=generator, device=dev)
+        noise, t = training_noise(x0.shape, self.cfg.train_diffusion_steps, generator, x0.device)
         noisy = self.train_scheduler.add_noise(x0, noise, t)
         return {"loss": F.mse_loss(self.head(noisy, t, cond), noise)}
 

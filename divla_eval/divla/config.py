@@ -74,6 +74,15 @@ class DiVLAConfig(JsonConfig):
     freeze_vlm: bool = False
     lora_rank: int = 0
     """> 0 tunes the language backbone through LoRA adapters of this rank (peft); 0 tunes it fully."""
+    lora_alpha: int = 0
+    """LoRA's scale numerator (the adapters' output is scaled by alpha / rank); 0: 2 * lora_rank."""
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Decoder layers that get adapters: the attention projections; add "gate_proj", "up_proj" and
+    "down_proj" to adapt the MLPs as well (more capacity, about 3x the adapter parameters)."""
+    gradient_checkpointing: bool = False
+    """Recompute the decoder's activations in the backward pass instead of keeping them: about a third
+    more compute for a fraction of the activation memory. For real backbones (a 1.5B-parameter Qwen2
+    decoder over ~100 tokens per sample), where activations, not weights, limit the batch."""
 
     # --- pretrained backbones -------------------------------------------------------------------------
     vision_pretrained: str | None = None
@@ -88,6 +97,7 @@ class DiVLAConfig(JsonConfig):
         self.cameras = tuple(self.cameras)
         self.view_tokens = tuple(int(v) for v in self.view_tokens)
         self.unet_down_dims = tuple(self.unet_down_dims)
+        self.lora_targets = tuple(self.lora_targets)
         self.embodiments = {k: tuple(v) for k, v in self.embodiments.items()}
         if len(self.cameras) != len(self.view_tokens):
             raise ValueError(f"one token count per camera: {self.cameras} vs {self.view_tokens}")
@@ -100,3 +110,7 @@ class DiVLAConfig(JsonConfig):
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:
             raise ValueError(f"execute_steps must be in 1..chunk, got {self.execute_steps}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"lora_rank, lora_alpha must be >= 0: {self.lora_rank}, {self.lora_alpha}")
+        if self.lora_rank > 0 and not self.lora_targets:
+            raise ValueError("lora_targets must name at least one decoder layer when lora_rank > 0")

@@ -32,7 +32,7 @@ from torch.profiler import record_function
 
 from divla_eval.divla.config import DiVLAConfig
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
-from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers
+from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
 
 STAGES = {
     "divla.vision": "SigLIP on every view, pooling, mm projector",
@@ -61,7 +61,9 @@ def build_vision(cfg: DiVLAConfig):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     if cfg.vision_pretrained and cfg.vision_config is None:
-        model = SiglipVisionModel.from_pretrained(cfg.vision_pretrained)
+        # float32 whatever the file holds (transformers' default dtype="auto" keeps a checkpoint's
+        # bf16): trainable weights stay fp32, and bf16 compute comes from autocast on CUDA
+        model = SiglipVisionModel.from_pretrained(cfg.vision_pretrained, dtype=torch.float32)
         cfg.vision_config = model.config.to_dict()
         return model
     if cfg.vision_config is None:
@@ -117,13 +119,13 @@ def _load_pretrained_language_model(cfg: DiVLAConfig):
     if model_type == "qwen2_vl":
         from transformers import Qwen2VLForConditionalGeneration
 
-        full = Qwen2VLForConditionalGeneration.from_pretrained(cfg.vlm_pretrained)
+        full = Qwen2VLForConditionalGeneration.from_pretrained(cfg.vlm_pretrained, dtype=torch.float32)
         decoder, head = full.model.language_model, full.lm_head
         cfg.text_model_type = "qwen2_vl"
     elif model_type == "qwen2":
         from transformers import Qwen2ForCausalLM
 
-        full = Qwen2ForCausalLM.from_pretrained(cfg.vlm_pretrained)
+        full = Qwen2ForCausalLM.from_pretrained(cfg.vlm_pretrained, dtype=torch.float32)
         decoder, head = full.model, full.lm_head
         cfg.text_model_type = "qwen2"
     else:
@@ -205,13 +207,18 @@ class DiVLAModel(nn.Module):
         cfg = self.cfg
         if cfg.freeze_vision:
             self.vision.requires_grad_(False)
+        if cfg.gradient_checkpointing:  # before peft wraps the decoder; active in train mode only
+            # transformers >= 5.25 names it activation checkpointing (the old name warns)
+            enable = getattr(self.decoder, "activation_checkpointing_enable", None)
+            enable = enable or self.decoder.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         if cfg.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 
             lora = LoraConfig(
                 r=cfg.lora_rank,
-                lora_alpha=2 * cfg.lora_rank,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                target_modules=list(cfg.lora_targets),
                 lora_dropout=0.0,
             )
             self.decoder = get_peft_model(self.decoder, lora)  # freezes the base weights itself
@@ -329,8 +336,7 @@ class DiVLAModel(nn.Module):
         actions = head.normalize_actions(actions)
         n = self.cfg.diffusion_samples  # several noise draws per observation: the encoders run once
         cond, r_emb_rep, actions = cond.repeat(n, 1), r_emb.repeat(n, 1), actions.repeat(n, 1, 1)
-        noise = torch.randn(actions.shape, generator=generator, device=dev)
-        t = torch.randint(0, self.cfg.train_diffusion_steps, (b * n,), generator=generator, device=dev)
+        noise, t = training_noise(actions.shape, self.cfg.train_diffusion_steps, generator, dev)
         noisy = self.train_scheduler.add_noise(actions, noise, t)
         l_diff = F.mse_loss(self._eps(head, noisy, t, cond, r_emb_rep), noise)
         return {"loss": l_diff + self.cfg.alpha * l_ntp, "l_diff": l_diff, "l_ntp": l_ntp}

@@ -22,6 +22,18 @@ def make_schedulers(train_steps: int) -> tuple[DDPMScheduler, DDIMScheduler]:
     return DDPMScheduler(**sched), DDIMScheduler(**sched, set_alpha_to_one=True, steps_offset=0)
 
 
+def training_noise(
+    shape: tuple[int, ...], train_steps: int, generator: torch.Generator | None, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise of `shape`, one timestep per row) for a training batch, drawn where the generator lives
+    and then moved to `device`. The training loop's generator is on the CPU, so a run draws the same
+    numbers on any device (a CPU generator cannot draw on a GPU at all)."""
+    where = generator.device if generator is not None else device
+    noise = torch.randn(shape, generator=generator, device=where).to(device)
+    t = torch.randint(0, train_steps, (shape[0],), generator=generator, device=where).to(device)
+    return noise, t
+
+
 def ddim_sample(
     sched: DDIMScheduler,
     eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
