@@ -14,7 +14,10 @@ from divla_eval.cli import main
     "argv, needle",
     [
         (["run", "--task", "bin_pickng"], "did you mean 'bin_picking'"),
-        (["run", "--policy", "nope"], "valid: diffusion_policy, divla, octo, openvla, random, remote, scripted"),
+        (
+            ["run", "--policy", "nope"],
+            "valid: diffusion_policy, divla, octo, openvla, random, remote, scripted",
+        ),
         (["run", "--policy", "divla"], "needs --checkpoint DIR"),
         (["run", "--policy", "divla", "--checkpoint", "README.md"], "does not exist"),
         (["train", "--demos", "missing.hdf5", "--out", "x"], "does not exist"),
