@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+COLUMNS = ("max_batch", "clients", "calls_per_s", "p50_ms", "wire_p50_ms")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -48,13 +50,18 @@ def _client(url: str, calls: int, seed: int, start, results) -> None:
         policy.infer(obs)
     start.wait()
     t0 = time.perf_counter()
+    latency, overhead = [], []
     for _ in range(calls):
+        t = time.perf_counter()
         policy.infer(obs)
-    results.put((t0, time.perf_counter()))
+        ms = (time.perf_counter() - t) * 1000
+        latency.append(ms)
+        overhead.append(ms - policy.last_server_timing.get("infer_ms", 0.0))
+    results.put((t0, time.perf_counter(), latency, overhead))
     policy.close()
 
 
-def measure(url: str, clients: int, calls: int) -> float:
+def measure(url: str, clients: int, calls: int) -> dict:
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(clients + 1), ctx.Queue()
     procs = [ctx.Process(target=_client, args=(url, calls, i, start, results)) for i in range(clients)]
@@ -64,8 +71,14 @@ def measure(url: str, clients: int, calls: int) -> float:
     spans = [results.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    wall = max(e for _, e in spans) - min(s for s, _ in spans)
-    return clients * calls / wall
+    wall = max(s[1] for s in spans) - min(s[0] for s in spans)
+    latency = np.concatenate([s[2] for s in spans])
+    overhead = np.concatenate([s[3] for s in spans])
+    return {
+        "calls_per_s": round(clients * calls / wall, 1),
+        "p50_ms": round(float(np.median(latency)), 1),
+        "wire_p50_ms": round(float(np.median(overhead)), 2),
+    }
 
 
 def serve(args, max_batch: int) -> tuple[subprocess.Popen, str]:
@@ -102,15 +115,14 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="markdown table (appended to when it exists)")
     args = ap.parse_args()
     rows = []
     for max_batch in args.batching:
         proc, url = serve(args, max_batch)
         try:
             for n in args.clients:
-                rate = measure(url, n, args.calls)
-                rows.append({"max_batch": max_batch, "clients": n, "calls_per_s": round(rate, 1)})
+                rows.append({"max_batch": max_batch, "clients": n, **measure(url, n, args.calls)})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             proc.terminate()
@@ -127,12 +139,16 @@ def main() -> int:
             f"max_batch 1 is batching off; otherwise up to max_batch requests waiting at most "
             f"{args.max_wait_ms:g} ms are stacked into one forward pass.",
             "",
-            "| max_batch | clients | calls/s |",
-            "|---:|---:|---:|",
-            *[f"| {r['max_batch']} | {r['clients']} | {r['calls_per_s']} |" for r in rows],
+            "p50 ms: a call as the client sees it; wire p50 ms: that minus the server's own `infer_ms` "
+            "(serialisation, loopback, queueing and the batch wait).",
+            "",
+            "| max_batch | clients | calls/s | p50 ms | wire p50 ms |",
+            "|---:|---:|---:|---:|---:|",
+            *["| " + " | ".join(str(r[k]) for k in COLUMNS) + " |" for r in rows],
             "",
         ]
-        args.out.write_text("\n".join(lines))
+        previous = args.out.read_text() + "\n" if args.out.is_file() else ""
+        args.out.write_text(previous + "\n".join(lines))
         print(f"wrote {args.out}")
     return 0
 

@@ -219,6 +219,9 @@ class RemotePolicy:
                 f"the policy server at {self.url} answered actions of shape {shown}, "
                 f"expected [H, {self.action_dim}]"
             )
+        self.last_server_timing = out.get("server_timing") or {}
+        """The server's own account of the last call (infer_ms, queue_ms, batch_size): the rest of the
+        call's time is the wire's (serialisation and network)."""
         reasoning = out.get("reasoning")
         return ActionChunk(actions=actions, reasoning=reasoning if isinstance(reasoning, str) else None)
 
