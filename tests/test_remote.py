@@ -240,6 +240,14 @@ def test_the_api_key_is_checked_and_required_off_loopback(serve, monkeypatch):
     client.close()
 
 
+def test_a_message_over_the_servers_cap_is_refused_with_what_to_change(serve):
+    server = serve(RandomPolicy(), max_message_mb=0.001)  # about 1 kB: two 16 px images are more
+    client = RemotePolicy(server.url, action_dim=7)
+    client.reset("x", 0)
+    with pytest.raises(RemoteServerGone, match="too big: start it with a larger --max-message-mb"):
+        client.infer(obs())
+
+
 def test_sessions_do_not_share_episode_state():
     policy = RandomPolicy(chunk=3)
     a, b = fork_policy(policy), fork_policy(policy)

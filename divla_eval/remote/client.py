@@ -201,6 +201,11 @@ class RemotePolicy:
             ) from None
         except ConnectionClosedError as exc:
             self.close()
+            if exc.rcvd is not None and exc.rcvd.code == 1009:  # every observation would be refused
+                raise RemoteServerGone(
+                    f"the policy server at {self.url} refused an observation of {len(message)} bytes as "
+                    "too big: start it with a larger --max-message-mb"
+                ) from None
             raise RemoteServerGone(
                 f"the policy server at {self.url} closed the connection ({exc}); finished episodes are "
                 "kept: restart the server and rerun to resume"
