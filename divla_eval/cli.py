@@ -34,6 +34,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one is refused, not read as the current directory (`Path("")` is
+    `.`: `run --out ''` used to write the run's files among the user's own)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
+
+
+def _dir_text(text: str) -> str:
+    """A checkpoint directory kept as text (the runner records it as given); empty is refused."""
+    return str(_path(text))
+
+
 def _perturbation(text: str) -> tuple[str, int]:
     name, _, level = text.partition(":")
     try:
@@ -89,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the task's shipped DiVLA checkpoint, else scripted)",
     )
     run.add_argument("--difficulty", default=None, help="task difficulty, e.g. easy|hard for sorting")
-    run.add_argument("--checkpoint", default=None, help="checkpoint directory for a learned policy")
+    run.add_argument(
+        "--checkpoint", type=_dir_text, default=None, help="checkpoint directory for a learned policy"
+    )
     run.add_argument("--episodes", type=_positive_int, default=None, help="episodes (default: task's own)")
     run.add_argument("--seed", type=int, default=0, help="run seed; every episode's seeds derive from it")
     run.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
@@ -118,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
-        "--out", type=Path, default=None, help="run directory (default: runs/<task>-<split>-...)"
+        "--out", type=_path, default=None, help="run directory (default: runs/<task>-<split>-...)"
     )
     run.add_argument("--video", action="store_true", help="write an mp4 of the front camera per episode")
     run.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
@@ -139,21 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--objects", "--split", dest="split", default=None, help="object split (for `objects`)")
 
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
-    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("run_dir", type=_path)
 
     summ = sub.add_parser("summary", help="one success grid over every run directory under a folder")
-    summ.add_argument("root", type=Path, help="folder holding run directories (searched recursively)")
-    summ.add_argument("--out", type=Path, default=None, help="markdown file (default: ROOT/summary.md)")
+    summ.add_argument("root", type=_path, help="folder holding run directories (searched recursively)")
+    summ.add_argument("--out", type=_path, default=None, help="markdown file (default: ROOT/summary.md)")
 
     tab = sub.add_parser(
         "tables", help="the paper's result tables (every policy) from the runs under a folder"
     )
-    tab.add_argument("root", type=Path, nargs="?", default=Path("results"), help="folder (default: results)")
-    tab.add_argument("--out", type=Path, default=None, help="markdown file (default: ROOT/paper_tables.md)")
+    tab.add_argument("root", type=_path, nargs="?", default=Path("results"), help="folder (default: results)")
+    tab.add_argument("--out", type=_path, default=None, help="markdown file (default: ROOT/paper_tables.md)")
 
     cmp_ = sub.add_parser("compare", help="two runs on the same episodes: paired rates and McNemar p")
-    cmp_.add_argument("run_a", type=Path)
-    cmp_.add_argument("run_b", type=Path)
+    cmp_.add_argument("run_a", type=_path)
+    cmp_.add_argument("run_b", type=_path)
 
     col = sub.add_parser("collect", help="record scripted-expert demonstrations to robomimic-style HDF5")
     col.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
@@ -166,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="task option"
     )
     col.add_argument("--episodes", type=_positive_int, required=True, help="episodes to attempt")
-    col.add_argument("--out", type=Path, required=True, help="output .hdf5 file (rerun to resume)")
+    col.add_argument("--out", type=_path, required=True, help="output .hdf5 file (rerun to resume)")
     col.add_argument(
         "--seed", type=int, default=1000, help="collection seed; keep it apart from evaluation seeds"
     )
@@ -180,12 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--task", default=None, help="the task the demos must come from (checked when given)")
     tr.add_argument(
         "--demos",
-        type=Path,
+        type=_path,
         action="append",
         required=True,
         help="demonstrations file (.hdf5); repeat it to train on several together (e.g. one per sub-task)",
     )
-    tr.add_argument("--out", type=Path, required=True, help="checkpoint directory (rerun to resume)")
+    tr.add_argument("--out", type=_path, required=True, help="checkpoint directory (rerun to resume)")
     tr.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps in total")
     tr.add_argument(
         "--batch-size",
@@ -234,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur = sub.add_parser(
         "curve", help="learning curve: evaluate a training run's snapshots on a fixed grid, plot success"
     )
-    cur.add_argument("train_dir", type=Path, help="a `divla-eval train --snapshot-every N` output directory")
+    cur.add_argument("train_dir", type=_path, help="a `divla-eval train --snapshot-every N` output directory")
     cur.add_argument("--task", required=True, help="task whose cells are evaluated")
     cur.add_argument(
         "--split", action="append", default=[], help="cell (repeat it; default: every split of the task)"
@@ -244,13 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--seed", type=int, default=0, help="run seed: the same episodes for every snapshot")
     cur.add_argument("--every", type=_positive_int, default=1, help="every k-th snapshot (the last always)")
     cur.add_argument("--max-steps", type=_positive_int, default=None, help="cap each episode (a quick look)")
-    cur.add_argument("--out", type=Path, required=True, help="folder for the runs, curve.md/.csv/.png")
+    cur.add_argument("--out", type=_path, required=True, help="folder for the runs, curve.md/.csv/.png")
     cur.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
     cur.add_argument("--threads", type=_positive_int, default=None, help="torch threads per worker")
     cur.add_argument("--no-progress", action="store_true", help="no progress bar")
     cur.add_argument(
         "--table-only", action="store_true", help="only rebuild curve.md/.csv/.png from the runs"
     )
+    _add_device_argument(cur)
 
     srv = sub.add_parser(
         "serve", help="serve a policy over openpi's websocket protocol (evaluate it with --policy remote)"
@@ -258,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--policy", required=True, help="registered policy, e.g. divla, diffusion_policy, random"
     )
-    srv.add_argument("--checkpoint", default=None, help="checkpoint directory for a learned policy")
+    srv.add_argument(
+        "--checkpoint", type=_dir_text, default=None, help="checkpoint directory for a learned policy"
+    )
     srv.add_argument(
         "--policy-option",
         type=_option,
@@ -323,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=_positive_int, default=1, help="torch threads (set explicitly)")
     _add_device_argument(be)
     be.add_argument("--image-size", type=_positive_int, default=84, help="for policies without their own")
-    be.add_argument("--out", type=Path, default=Path("results/bench"), help="writes speed.csv and speed.md")
+    be.add_argument("--out", type=_path, default=Path("results/bench"), help="writes speed.csv and speed.md")
     be.add_argument(
         "--profile",
         action="store_true",
@@ -509,6 +527,9 @@ def _cmd_curve(args) -> int:
     import shlex
 
     from divla_eval.curves import CurveConfig, evaluate, write_curve
+    from divla_eval.device import resolve_device
+
+    resolve_device(args.device)  # a device that is not there fails before any snapshot is read
 
     cfg = CurveConfig(
         train_dir=args.train_dir,
@@ -522,6 +543,7 @@ def _cmd_curve(args) -> int:
         max_steps=args.max_steps,
         workers=args.workers,
         threads=args.threads,
+        device=args.device,
     )
     command = "divla-eval " + shlex.join(args.argv)
     try:

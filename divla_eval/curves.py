@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from divla_eval.errors import DivlaEvalError
+from divla_eval.safe_io import atomic_output, ensure_dir, save_figure, write_text
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class CurveConfig:
     """Cap every episode's steps (a quick look); None: the task's budget."""
     workers: int = 1
     threads: int | None = None
+    device: str = "auto"
 
 
 def trained_policy(train_dir: Path) -> str:
@@ -105,7 +107,8 @@ def evaluate(cfg: CurveConfig, progress: bool = True) -> None:
                 image_size=image_size,
                 max_steps=cfg.max_steps,
             )
-            run(run_cfg, cell_dir(cfg, step, split), progress=False, workers=cfg.workers, threads=cfg.threads)
+            out = cell_dir(cfg, step, split)
+            run(run_cfg, out, progress=False, workers=cfg.workers, threads=cfg.threads, device=cfg.device)
             bar.update(1)
     bar.close()
 
@@ -178,8 +181,10 @@ def plot_curve(table, log, path: Path, title: str) -> None:
     bx.set_title("training loss")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=100)  # atomic: never a 0-byte plot on a full disk
+    finally:
+        plt.close(fig)
 
 
 def write_curve(cfg: CurveConfig, command: str) -> tuple[Path, Path]:
@@ -187,22 +192,24 @@ def write_curve(cfg: CurveConfig, command: str) -> tuple[Path, Path]:
     from divla_eval.report import markdown_table, rate_text
 
     table, log = curve_table(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cfg.out, "--out directory")
     policy = trained_policy(cfg.train_dir)
     title = f"{policy} on {cfg.task}: {cfg.episodes} episodes per cell and snapshot"
     png = cfg.out / "curve.png"
     plot_curve(table, log, png, title)
-    table.to_csv(cfg.out / "curve.csv", index=False)
+    with atomic_output(cfg.out / "curve.csv") as tmp:
+        table.to_csv(tmp, index=False)
     shown = table.copy()
     if not shown.empty:
         shown["success"] = [rate_text(k, n) for k, n in zip(shown["successes"], shown["episodes"])]
         shown = shown.drop(columns=["successes", "episodes", "rate", "ci_low", "ci_high"])
     md = cfg.out / "curve.md"
-    md.write_text(
+    write_text(
+        md,
         f"# Learning curve: {title}\n\n"
         f"Made by `{command}` from `{cfg.train_dir}`. Loss: mean of the logged losses over the 500 steps "
         "before the snapshot. Success: Wilson 95% interval over every cell's episodes.\n\n"
         + markdown_table(shown)
-        + "\n\n![curve](curve.png)\n"
+        + "\n\n![curve](curve.png)\n",
     )
     return md, png
