@@ -11,10 +11,10 @@ Nothing here imports torch at module level: the runner validates checkpoints bef
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from divla_eval.errors import DivlaEvalError
+from divla_eval.schema import read_json, short
 
 WEIGHTS = "model.safetensors"
 
@@ -45,12 +45,29 @@ def check_files(path: Path, required: tuple[str, ...], kind: str) -> None:
         )
 
 
-def read_config(path: Path) -> dict:
-    """config.json of a checkpoint directory as a dict; a damaged file is a CheckpointError."""
-    try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / 'config.json'} is damaged: {exc}") from exc
+def read_config(path: Path, config_cls: type | None = None, policy: str | None = None) -> dict:
+    """config.json of a checkpoint directory as a dict; whatever is wrong with it is a CheckpointError
+    naming the file (unreadable, not UTF-8 JSON, not an object).
+
+    With `policy`, a config of another registered policy is refused naming that policy; with
+    `config_cls` (the policy's config dataclass), every key and value is checked as the model will
+    read it (`JsonConfig.from_dict`: known keys, types, the config's own consistency checks), so that
+    a damaged config is one line here, before anything is built, and never an error inside a model."""
+    file = Path(path) / "config.json"
+    config = read_json(file, CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{file} is damaged: expected a JSON object (a model config), got {short(config)}"
+        )
+    if policy is not None:
+        check_policy_of(Path(path), config, policy)
+    if config_cls is not None:
+        try:
+            config_cls.from_dict(config)
+        except (DivlaEvalError, ValueError) as exc:
+            label = getattr(config_cls, "label", config_cls.__name__)
+            raise CheckpointError(f"{file} is not a valid {label} config: {exc}") from None
+    return config
 
 
 # A config.json key that only one policy's config has: how a checkpoint given to the wrong --policy is

@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         default=None,
-        help="torch threads per worker (default: the cores shared among the workers; 1 when other jobs "
-        "share the cores)",
+        help="torch threads per worker (default 1: a learned policy's results then depend on neither the "
+        "worker count nor the machine's cores; recorded in the manifest)",
     )
     _add_device_argument(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tab.add_argument("root", type=_path, nargs="?", default=Path("results"), help="folder (default: results)")
     tab.add_argument("--out", type=_path, default=None, help="markdown file (default: ROOT/paper_tables.md)")
+    tab.add_argument(
+        "--readme", type=_path, default=None, help="also rewrite the results table between its markers"
+    )
 
     cmp_ = sub.add_parser("compare", help="two runs on the same episodes: paired rates and McNemar p")
     cmp_.add_argument("run_a", type=_path)
@@ -471,9 +474,14 @@ def _cmd_summary(args) -> int:
 
 def _cmd_tables(args) -> int:
     from divla_eval.paper import write_paper_tables
+    from divla_eval.readme_table import read_readme, update_readme
 
+    if args.readme is not None:
+        read_readme(args.readme)  # a missing marker is refused before the runs are read
     path = write_paper_tables(args.root, args.out)
     print(f"wrote {path}")
+    if args.readme is not None:
+        print(f"updated the results table in {update_readme(args.readme, args.root)}")
     return 0
 
 
@@ -581,9 +589,14 @@ def _cmd_serve(args) -> int:
             raise DivlaEvalError(
                 f"policy {args.policy!r} takes no checkpoint (got --checkpoint {args.checkpoint})"
             )
+        from divla_eval.runner import check_weights_file
+        from divla_eval.safe_io import require_dir
+
+        require_dir(Path(args.checkpoint), "checkpoint directory")  # a file is not "missing"
         check = getattr(factory, "check_checkpoint", None)
         if check is not None:
             check(args.checkpoint)
+            check_weights_file(Path(args.checkpoint) / "model.safetensors")
     if not 0 <= args.port <= 65535:
         raise DivlaEvalError(f"--port must be in 0..65535, got {args.port}")
     if args.threads is not None:
@@ -642,7 +655,8 @@ def _cmd_collect(args) -> int:
         s = collect(cfg, args.out, progress=not args.no_progress, workers=args.workers)
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted: finished demos are saved in {args.out}; rerun the same command to resume",
+            f"\ninterrupted: finished demos are saved in {args.out} (or in {args.out}.partial/ until a "
+            "rerun merges them); rerun the same command to resume",
             file=sys.stderr,
         )
         return 130
@@ -653,7 +667,7 @@ def _cmd_collect(args) -> int:
         failed = f": {shown}{', ...' if len(keys) > 10 else ''}"
     print(f"collected {s.demos} demos from {s.episodes} episodes ({len(s.failed)} failed{failed})")
     print(f"{s.samples} samples in {s.path}; ran {s.ran}, resumed past {s.skipped}")
-    if s.new_demos:
+    if s.new_demos and s.seconds > 0:
         rate = s.new_demos / s.seconds * 3600
         workers = f"{args.workers} workers"
         print(f"rate: {s.new_demos} new demos in {s.seconds:.0f} s = {rate:.0f} demos/hour ({workers})")
@@ -732,11 +746,13 @@ def _cmd_bench(args) -> int:
         model_options = {n: {k: v for k, v in model_raw.items() if k in takes[n]} for n in names}
     for name in names:  # checkpoint directories too, before the first model is built
         check_policy(name, args.task, checkpoints.get(name), options[name])
+    from divla_eval.device import describe_device, resolve_device
+    from divla_eval.safe_io import check_writable_dir
+
+    device = resolve_device(args.device)  # a bad device is refused before anything is written
+    check_writable_dir(args.out, "--out directory")  # before minutes of timing, not after
 
     progress = not args.no_progress
-    from divla_eval.device import describe_device, resolve_device
-
-    device = resolve_device(args.device)
     machine = machine_info()  # before any work of ours: its load average is the other jobs'
     machine["device"] = describe_device(device)
     built = []

@@ -12,7 +12,6 @@ rerun skips finished episodes, and a rerun while training goes on adds the snaps
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +42,15 @@ class CurveConfig:
 
 def trained_policy(train_dir: Path) -> str:
     """The policy a training run trains (its trainer state records the recipe)."""
+    from divla_eval.train import read_trainer_state
+
     state = Path(train_dir) / "checkpoint" / "trainer_state.json"
     if not state.is_file():
         raise DivlaEvalError(f"{train_dir} is not a `divla-eval train` directory (no {state.name})")
-    return json.loads(state.read_text())["key"]["policy"]
+    policy = read_trainer_state(state)["key"].get("policy")
+    if not isinstance(policy, str):
+        raise DivlaEvalError(f"{state}: field 'key.policy': expected the trained policy's name")
+    return policy
 
 
 def _cells(cfg: CurveConfig) -> list[str]:
@@ -84,6 +88,7 @@ def evaluate(cfg: CurveConfig, progress: bool = True) -> None:
     """Run (or resume) every snapshot on every cell."""
     from tqdm import tqdm
 
+    from divla_eval.checkpoint import read_config
     from divla_eval.runner import RunConfig, run
     from divla_eval.tasks import get_task
 
@@ -94,7 +99,9 @@ def evaluate(cfg: CurveConfig, progress: bool = True) -> None:
     bar = tqdm(total=len(snaps) * len(cells), disable=not progress, unit="cell", desc="curve")
     for step, snapshot in snaps:
         # the camera resolution the model was trained at (every learned policy's config records it)
-        image_size = json.loads((snapshot / "config.json").read_text()).get("image_size", 84)
+        image_size = read_config(snapshot).get("image_size", 84)  # all of it is checked when run loads it
+        if isinstance(image_size, bool) or not isinstance(image_size, int):
+            raise DivlaEvalError(f"{snapshot / 'config.json'}: field 'image_size': expected int")
         for split in cells:
             run_cfg = RunConfig(
                 task=cfg.task,
@@ -147,10 +154,14 @@ def curve_table(cfg: CurveConfig):
 def _train_log(train_dir: Path):
     import pandas as pd
 
-    path = Path(train_dir) / "train_log.jsonl"
-    if not path.is_file():
-        return pd.DataFrame(columns=["step", "loss", "seconds"])
-    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    from divla_eval.train import read_log  # unreadable rows dropped with a warning, as train does
+
+    rows = read_log(Path(train_dir) / "train_log.jsonl")
+    df = pd.DataFrame(rows)
+    for column in ("step", "loss", "seconds"):  # a log without them (hand-made, emptied) plots nothing
+        if column not in df:
+            df[column] = pd.Series(dtype=float)
+    return df
 
 
 def plot_curve(table, log, path: Path, title: str) -> None:

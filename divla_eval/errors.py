@@ -44,6 +44,13 @@ class CorruptFileError(DivlaEvalError):
     """A results file is damaged in a way that cannot be an interrupted write, so we refuse to guess."""
 
 
+class InvalidValueError(DivlaEvalError, ValueError):
+    """A value read from a file (or given as a config override) has the wrong type or shape.
+
+    Also a ValueError, so the handlers that already turn a bad config value into a one-line message
+    (`except ValueError`) keep doing so; the readers that know the file prefix its name."""
+
+
 def raise_if_interrupted(exc: BaseException) -> None:
     """Re-raise as KeyboardInterrupt an exception that an interrupt turned into something else.
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from divla_eval.metrics import success_table
 from divla_eval.report import load_runs, markdown_table, rate_text
+from divla_eval.safe_io import check_output_file, write_text
 
 MULTITASK_SUBTASKS = ("select_object", "flip_pot", "cube_to_colour_box", "cup_on_plate", "cube_in_box")
 
@@ -157,6 +158,8 @@ def paper_tables(df: pd.DataFrame) -> list[tuple[PaperTable, pd.DataFrame]]:
 
 def write_paper_tables(root: Path, out: Path | None = None) -> Path:
     """Write the paper's tables over every run under `root` as one markdown file."""
+    if out is not None:  # a directory or an unwritable folder is refused before the runs are read
+        check_output_file(Path(out), "--out")
     df, run_dirs = load_runs(root)
     out = Path(out) if out is not None else Path(root) / "paper_tables.md"
     lines = [
@@ -174,19 +177,23 @@ def write_paper_tables(root: Path, out: Path | None = None) -> Path:
         lines += [f"## {table.title}", "", markdown_table(frame), ""]
         if table.note:
             lines += [f"{table.note[0].upper()}{table.note[1:]}.", ""]
-    speed = sorted(Path(root).rglob("speed.md"))
+    speed = sorted(p for p in Path(root).rglob("speed.md") if p.is_file())
     lines += ["## Inference speed", ""]
     lines += [f"- `{p}`: {_first_line(p, 'Command: ')}" for p in speed] or [
         "- no `divla-eval bench` output yet"
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_text(out, "\n".join(lines) + "\n")  # atomic: a full disk keeps the previous tables
     return out
 
 
 def _first_line(path: Path, prefix: str) -> str:
-    """The line of a bench table file that starts with `prefix` (its command), without the prefix."""
-    for line in path.read_text().splitlines():
+    """The line of a bench table file that starts with `prefix` (its command), without the prefix.
+    An unreadable or garbled file costs its line, not the tables."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return f"(unreadable: {exc.strerror or exc})"
+    for line in text.splitlines():
         if line.startswith(prefix):
             return line[len(prefix) :]
     return "(no command line)"

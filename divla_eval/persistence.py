@@ -50,6 +50,8 @@ def check_run(run_dir: Path, hold: int = HOLD_STEPS, progress: bool = True) -> l
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise DivlaEvalError(f"{run_dir} is not a run directory (no manifest.json)")
+    if "task" not in manifest["config"]:  # read_manifest checked a run's config field by field
+        raise DivlaEvalError(f"{run_dir}/manifest.json is not a run's manifest (its config names no task)")
     cfg = RunConfig.from_dict(manifest["config"])
     wins = {r.episode_key: r for r in EpisodeStore(run_dir / "episodes.jsonl").load() if r.success}
     specs = [s for s in plan_episodes(cfg) if s.key in wins]

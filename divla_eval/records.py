@@ -18,13 +18,19 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
-from divla_eval.errors import ConfigMismatchError, CorruptFileError
+from divla_eval.errors import ConfigMismatchError, CorruptFileError, InvalidValueError
+from divla_eval.schema import check_fields, check_value, parse_json, read_json
 
 MANIFEST_NAME = "manifest.json"
 # Versions that can move success rates; recorded (never imported) so results can be traced to a stack.
-TRACKED_PACKAGES = ("mujoco", "robosuite", "numpy", "torch", "gymnasium", "transformers", "diffusers")
+# numba compiles robosuite's controller math, scipy its rotations; peft (LoRA) and tokenizers shape what a
+# learned policy computes and reads.
+TRACKED_PACKAGES = (
+    *("mujoco", "robosuite", "numpy", "torch", "gymnasium", "transformers", "diffusers"),
+    *("numba", "scipy", "peft", "tokenizers"),
+)
 
 
 def _json_default(obj: Any) -> Any:
@@ -48,6 +54,21 @@ def policy_label(name: str, options: dict | None = None) -> str:
     return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
 
 
+class TraceEntry(TypedDict, total=False):
+    """One entry of `EpisodeRecord.reasoning_trace` (the reports score `text` against `expert`)."""
+
+    step: int
+    text: str
+    expert: str
+
+
+class PerturbationEntry(TypedDict, total=False):
+    """One entry of `EpisodeRecord.perturbations`: name and level, then the sampled parameters."""
+
+    name: str
+    level: float | None
+
+
 @dataclass
 class EpisodeRecord:
     """One finished (or failed) episode; the unit every metric is computed from."""
@@ -62,7 +83,7 @@ class EpisodeRecord:
     seed: int
     object_ids: list[str]
     instruction: str
-    perturbations: list[dict]  # [{"name": ..., "level": ..., **params}]
+    perturbations: list[PerturbationEntry]  # [{"name": ..., "level": ..., **params}]
     policy: str
     checkpoint_hash: str | None
     success: bool
@@ -70,15 +91,15 @@ class EpisodeRecord:
     failure_mode: str | None
     steps: int
     wall_time_s: float
-    latency_ms: dict  # {"n", "mean", "p50", "p95"}; empty when the policy was never called
-    reasoning_trace: list[dict]
-    status: str  # "ok" or "error"; errors count as failures, never dropped
+    latency_ms: dict[str, float]  # {"n", "mean", "p50", "p95"}; empty when the policy was never called
+    reasoning_trace: list[TraceEntry]
+    status: Literal["ok", "error"]  # errors count as failures, never dropped
     error: str | None  # traceback text when status == "error"
     extra: dict = field(default_factory=dict)
     reasoning_accuracy: float | None = None
     """Share of policy calls whose reasoning phrase equals the scripted expert's phrase for the same
     state (None for policies that write no reasoning, and for the expert itself)."""
-    reasoning_scores: dict | None = None
+    reasoning_scores: dict[str, float] | None = None
     """{"exact", "subtask", "object"} shares over the scored calls (see divla_eval.reasoning)."""
     policy_options: dict = field(default_factory=dict)
     """The policy's inference options (`--policy-option`); empty: the checkpoint's own settings."""
@@ -92,13 +113,33 @@ class EpisodeRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EpisodeRecord:
-        """Build from a parsed line; unknown keys (from newer versions) are ignored so old readers cope."""
+        """Build from a parsed line; unknown keys (from newer versions) are ignored so old readers cope.
+
+        Every field is checked against its annotation first (InvalidValueError naming the field):
+        a record is read back by resume, reports and comparisons, and a value of the wrong type
+        (`"success": "maybe"`) would otherwise fail far from the file, or be counted wrongly."""
+        check_fields(cls, d, "an episode record")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _parse_line(raw: bytes) -> tuple[Any, str | None]:
+    """(a stored line's JSON, None), or (None, why it is garbled) when it is not UTF-8 JSON (what a
+    torn write leaves).
+
+    The one definition of a garbled line, shared by `load` (which skips a garbled last line) and
+    `append` (which cuts it off before writing after it), so the two can never disagree."""
+    try:
+        return parse_json(raw), None
+    except InvalidValueError as exc:
+        return None, str(exc)
+
+
 class EpisodeStore:
     """Append-only JSONL file of :class:`EpisodeRecord`; one writer (the runner's main process)."""
+
+    TORN_SUFFIX = ".torn"
+    """A garbled last line cut off before appending is kept in `<file>.torn`, never simply lost."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -117,58 +158,71 @@ class EpisodeStore:
             os.fsync(f.fileno())
 
     def _repair_tail(self) -> None:
-        """Deal with a last line left without its newline by an interrupted write.
+        """Deal with a last line that an interrupted write left torn, before appending after it.
 
-        Appending after it would glue the next record onto it and turn a harmless torn tail into a
-        corrupt middle line. A tail that still parses is a complete record missing only its newline, so
-        we finish it; anything else is dropped (``load`` already ignores it).
+        `load` skips a garbled *last* line, but once another record follows it, it is a garbled
+        middle line, which `load` refuses: appending after it would make the file unreadable at the
+        next resume. So a garbled last line (with or without its newline) is cut off here and kept
+        in `<file>.torn`. A last line that still parses is a complete record missing only its
+        newline, so we finish it.
         """
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        if not self.path.is_file() or self.path.stat().st_size == 0:
             return
         data = self.path.read_bytes()
-        if data.endswith(b"\n"):
+        body = data.rstrip(b" \t\r\n")
+        if not body:
             return
-        cut = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[cut:].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            warnings.warn(f"{self.path}: dropping a truncated last line left by an interrupted write")
+        cut = body.rfind(b"\n") + 1
+        if _parse_line(body[cut:])[1] is not None:
+            torn = self.path.with_name(self.path.name + self.TORN_SUFFIX)
+            with open(torn, "ab") as f:
+                f.write(data[cut:].rstrip(b"\n") + b"\n")
+                os.fsync(f.fileno())
+            warnings.warn(
+                f"{self.path}: dropping a truncated last line left by an interrupted write (kept in {torn})"
+            )
             with open(self.path, "r+b") as f:
                 f.truncate(cut)
                 os.fsync(f.fileno())
             return
-        with open(self.path, "ab") as f:
-            f.write(b"\n")
-            os.fsync(f.fileno())
+        if not data.endswith(b"\n"):
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+                os.fsync(f.fileno())
 
     def load(self) -> list[EpisodeRecord]:
         """Read every record, first occurrence of each episode_key wins.
 
         A garbled *last* line is what an interrupted write leaves, so it is skipped with a warning; a
         garbled line anywhere else means the file was damaged or edited, and guessing would bias results.
+        So does a line that is JSON but not a valid record: each field is checked against its type.
         """
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8", errors="replace").split("\n")
-        numbered = [(i + 1, text) for i, text in enumerate(lines) if text.strip()]
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise CorruptFileError(f"{self.path} cannot be read ({exc.strerror or exc})") from None
+        lines = data.split(b"\n")
+        numbered = [(i + 1, raw) for i, raw in enumerate(lines) if raw.strip()]
         records: list[EpisodeRecord] = []
         seen: set[str] = set()
         duplicates = 0
-        for pos, (lineno, text) in enumerate(numbered):
-            try:
-                data = json.loads(text)
-            except ValueError as exc:
+        for pos, (lineno, raw) in enumerate(numbered):
+            parsed, reason = _parse_line(raw)
+            if reason is not None:
                 if pos == len(numbered) - 1:
                     warnings.warn(
                         f"{self.path}:{lineno}: ignoring a truncated last line (interrupted write?)"
                     )
                     break
-                raise CorruptFileError(f"{self.path}:{lineno}: not valid JSON ({exc})") from None
+                raise CorruptFileError(
+                    f"{self.path}:{lineno}: {reason}; the file was damaged or edited: restore it, or "
+                    "delete that line to run its episode again"
+                ) from None
             try:
-                if not isinstance(data, dict):
-                    raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-                record = EpisodeRecord.from_dict(data)
-            except TypeError as exc:
+                record = EpisodeRecord.from_dict(parsed)
+            except InvalidValueError as exc:
                 raise CorruptFileError(f"{self.path}:{lineno}: not an episode record ({exc})") from None
             if record.episode_key in seen:
                 duplicates += 1
@@ -204,17 +258,82 @@ def write_manifest(run_dir: Path, config: dict, extra: dict) -> None:
         raise
 
 
-def read_manifest(run_dir: Path) -> dict | None:
-    """The run's manifest, or None when the directory has none yet."""
-    path = Path(run_dir) / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+class EnvironmentInfo(TypedDict, total=False):
+    """`environment_info()`: stored at the top level of a run's manifest (or under `environment`)."""
+
+    python: str
+    platform: str
+    machine: str
+    cpu_count: int | None
+    git_commit: str | None
+    dirty: bool | None
+    dirty_files: list[str]
+    packages: dict[str, str | None]
+
+
+class ManifestExtension(TypedDict, total=False):
+    """One entry of a manifest's `extended`: a later --episodes that grew the run."""
+
+    episodes: list[int]
+    at: str
+    git_commit: str | None
+
+
+class Manifest(EnvironmentInfo, total=False):
+    """What the harness reads from a manifest besides `config` (checked separately, see
+    `check_manifest`); keys it does not name pass, so a newer writer's manifest stays readable."""
+
+    run_id: str
+    task_version: str
+    task_settings: dict
+    episode_max_steps: int | None
+    device: str
+    object_library_hash: str
+    created: str
+    policy_info: dict
+    extended: list[ManifestExtension]
+    environment: EnvironmentInfo
+
+
+RUN_MANIFEST_KEYS = ("run_id", "task_version")
+"""Top-level keys every manifest of a run has (the runner writes them; records carry the run_id)."""
+
+
+def check_manifest(data: Any) -> None:
+    """Refuse a parsed manifest whose shape the harness cannot use (InvalidValueError naming the field).
+
+    `config` must be an object. A run's manifest (its config names a `task`: every manifest `divla-eval
+    run` writes does) must also hold a run config, checked field by field against `RunConfig`, and the
+    run's id and task version; a manifest whose config has no task can never match a run's config,
+    so no run resumes into it, and only its shape is checked.
+    """
     if not isinstance(data, dict):
-        raise CorruptFileError(f"{path}: expected a JSON object")
+        check_value(data, dict)
+    if "config" not in data:
+        raise InvalidValueError("field 'config' is missing (expected an object: the run's config)")
+    check_value(data["config"], dict, "config")
+    check_value(data, Manifest)
+    config = data["config"]
+    if "task" in config:
+        from divla_eval.runner import RunConfig  # the schema of a run's config; imported only here
+
+        missing = [k for k in RUN_MANIFEST_KEYS if k not in data]
+        if missing:
+            raise InvalidValueError(f"field '{missing[0]}' is missing (every run's manifest has one)")
+        check_fields(RunConfig, config, "a run config", prefix="config")
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    """The run's manifest, or None when the directory has none yet. Anything else than a manifest of
+    the expected shape is a CorruptFileError naming the file and the field (see `check_manifest`)."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.exists() and not path.is_symlink():
+        return None
+    data = read_json(path, CorruptFileError)
+    try:
+        check_manifest(data)
+    except InvalidValueError as exc:
+        raise CorruptFileError(f"{path}: {exc}") from None
     return data
 
 

@@ -26,6 +26,7 @@ from divla_eval.metrics import (
     wilson_interval,
 )
 from divla_eval.records import EpisodeRecord, EpisodeStore, read_manifest
+from divla_eval.safe_io import check_output_file, require_dir, save_figure, write_text
 
 GROUP_COLUMNS = ["task", "split", "perturbation", "policy"]
 
@@ -144,7 +145,7 @@ def _plot_success(table: pd.DataFrame, by: Sequence[str], path: Path) -> None:
         ax.set_xlabel(" / ".join(varying))
         ax.set_title("Success rate per group (Wilson 95% CI)")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)  # atomic: a full disk leaves the previous plot, not a 0-byte one
     finally:
         plt.close(fig)
 
@@ -207,9 +208,7 @@ def _reasoning_section(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
 def load_run(run_dir: Path) -> list[EpisodeRecord]:
     """The finished episode records of one run directory, or a one-line error naming what is wrong
     (no such directory, not a run directory, no finished episode yet)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DivlaEvalError(f"run directory {run_dir} does not exist")
+    run_dir = require_dir(Path(run_dir), "run directory")
     episodes_path = run_dir / "episodes.jsonl"
     if not episodes_path.is_file():
         raise DivlaEvalError(f"{run_dir} has no episodes.jsonl: not a run directory")
@@ -296,7 +295,7 @@ def write_report(run_dir: Path) -> Path:
         lines.append("")
 
     report_path = run_dir / "report.md"
-    report_path.write_text("\n".join(lines), encoding="utf-8")
+    write_text(report_path, "\n".join(lines))
     return report_path
 
 
@@ -318,8 +317,12 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     under another task version is another experiment and is kept.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DivlaEvalError(
+            f"{root} is a file, not a directory (give the folder that holds run directories)"
+        )
     if not root.is_dir():
-        raise DivlaEvalError(f"{root} is not a directory")
+        raise DivlaEvalError(f"{root} is not a directory: it does not exist")
     run_dirs = sorted(p.parent for p in root.rglob("episodes.jsonl"))
     if not run_dirs:
         raise DivlaEvalError(f"no run directories (with episodes.jsonl) under {root}")
@@ -408,9 +411,11 @@ def summary_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def write_summary(root: Path, out: Path | None = None) -> Path:
     """Write one markdown file with the success grid over every run under `root`."""
+    if out is not None:  # a directory or an unwritable folder is refused before the runs are read
+        check_output_file(Path(out), "--out")
+    out = Path(out) if out is not None else Path(root) / "summary.md"
     df, run_dirs = load_runs(root)
     long, grid = summary_tables(df)
-    out = Path(out) if out is not None else Path(root) / "summary.md"
     below = long[long["success_rate"] < 0.95]
     below_lines = [
         f"- {r.task} (version {r.task_version}) {r.split} {r.difficulty} {r.policy} {r.checkpoint} "
@@ -452,6 +457,5 @@ def write_summary(root: Path, out: Path | None = None) -> Path:
         *[f"- `{d}`" for d in run_dirs],
         "",
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    write_text(out, "\n".join(lines))
     return out

@@ -3,7 +3,12 @@
 The plan is a pure function of the run config: episode i of (task, split, difficulty, perturbations)
 always gets the same scene and policy-noise seeds. Rerunning into the same directory skips episodes
 already recorded, so an interrupted run resumes without duplicates. A policy exception or simulator
-fault marks that episode `error` (counted as a failure, with its traceback) and the run goes on.
+fault marks that episode `error` (counted as a failure, with its traceback) and the run goes on; so does
+a policy that calls `sys.exit` during an episode (SystemExit is no Exception, and used to end the whole
+run without a word: it is that episode's fault, the next episode may well finish). What can be checked
+before the first episode is checked in `validate`, so that a user's mistake (an image size the
+checkpoint was not trained on, damaged weights, absurd counts) is one line and exit code 2, never
+episodes counted as the policy's failures.
 """
 
 from __future__ import annotations
@@ -92,6 +97,37 @@ def plan_episodes(cfg: RunConfig):
     ]
 
 
+MAX_EPISODES = 100_000
+"""More planned episodes than this is a typo: planning builds the whole list first (10^12 hung silently
+before the first episode), and 10^5 episodes at a few seconds each are already weeks."""
+MAX_IMAGE_SIZE = 512
+"""Square camera images above this are refused: `collect` keeps an episode's frames in memory (two
+cameras x steps x size^2 x 3 bytes: 100000 px asked for 28 GiB), and every policy here sees 84-224 px."""
+MAX_STEPS = 100_000
+"""An episode budget above this is a typo (the longest task allows 3000 steps)."""
+
+
+def max_workers() -> int:
+    """More simulator processes than 4 per core only slows every one of them (each holds ~600 MB)."""
+    return 4 * max(1, os.cpu_count() or 1)
+
+
+def check_parallelism(workers: int, threads: int | None = None) -> None:
+    """One line for a worker or thread count that cannot be meant (each worker is a ~600 MB process)."""
+    cores = os.cpu_count() or 1
+    if workers < 1:
+        raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
+    if workers > max_workers():
+        raise DivlaEvalError(
+            f"--workers {workers} is more than 4 per core ({cores} cores here; each worker is a simulator "
+            f"process of ~600 MB): use at most {max_workers()}"
+        )
+    if threads is not None and threads < 1:
+        raise DivlaEvalError(f"--threads must be a positive integer, got {threads}")
+    if threads is not None and threads > max_workers():
+        raise DivlaEvalError(f"--threads {threads} is more than 4 per core ({cores} cores here)")
+
+
 def validate(cfg: RunConfig, policy=None) -> None:
     """Check names and values before anything heavy is imported or any file is written.
 
@@ -126,8 +162,9 @@ def validate(cfg: RunConfig, policy=None) -> None:
             raise DivlaEvalError(
                 f"policy {cfg.policy!r} takes no checkpoint (got --checkpoint {cfg.checkpoint})"
             )
-        if not Path(cfg.checkpoint).is_dir():
-            raise DivlaEvalError(f"checkpoint directory {cfg.checkpoint} does not exist")
+        from divla_eval.safe_io import require_dir
+
+        require_dir(Path(cfg.checkpoint), "checkpoint directory")
         check = getattr(factory, "check_checkpoint", None)
         if check is not None:  # a cheap look (no torch) at the files and the robot they were made for
             from divla_eval.envs.gym_env import PROPRIO_DIM
@@ -136,6 +173,8 @@ def validate(cfg: RunConfig, policy=None) -> None:
             check_options = getattr(factory, "check_inference_options", None)
             if options and check_options is not None:  # ranges, against the checkpoint's config
                 check_options(options, config)
+            check_image_size(cfg.checkpoint, config, cfg.image_size)
+            check_weights_file(Path(cfg.checkpoint) / "model.safetensors")
 
 
 def _validate_values(cfg: RunConfig) -> None:
@@ -150,8 +189,56 @@ def _validate_values(cfg: RunConfig) -> None:
         raise DivlaEvalError("--matched-control needs at least one --perturb NAME:LEVEL")
     if cfg.episodes is not None and cfg.episodes <= 0:
         raise DivlaEvalError(f"--episodes must be a positive integer, got {cfg.episodes}")
+    if cfg.episodes is not None and cfg.episodes > MAX_EPISODES:
+        raise DivlaEvalError(f"--episodes {cfg.episodes} is more than the {MAX_EPISODES} a run can plan")
     if cfg.image_size < 16:
         raise DivlaEvalError(f"--image-size must be at least 16, got {cfg.image_size}")
+    if cfg.image_size > MAX_IMAGE_SIZE:
+        raise DivlaEvalError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {cfg.image_size}")
+    if cfg.max_steps is not None and not 1 <= cfg.max_steps <= MAX_STEPS:
+        raise DivlaEvalError(f"--max-steps must be in 1..{MAX_STEPS}, got {cfg.max_steps}")
+
+
+def check_image_size(checkpoint: str | Path, config: dict, image_size: int) -> None:
+    """Refuse an image size other than the checkpoint's, before the run starts. Found inside an episode
+    it was an `error` in every record, counted against the policy in the success rate, and the run
+    directory was already made under the wrong key. Every learned policy's config.json has image_size."""
+    trained = config.get("image_size") if isinstance(config, dict) else None
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained != image_size:
+        raise DivlaEvalError(
+            f"{checkpoint} was trained on {trained} px images, not {image_size} px: run with "
+            f"--image-size {trained}"
+        )
+
+
+def check_weights_file(path: Path) -> None:
+    """Read a safetensors file's header (a few KB, no torch) and check that the file is as long as it
+    says: a truncated or overwritten weights file is then one line before the run, not a failure of
+    every worker after the manifest is written. A missing file is the policy's own check to report."""
+    import json
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        expected = 8 + n + max(ends, default=0)
+    except OSError as exc:
+        raise DivlaEvalError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise DivlaEvalError(f"{path} is damaged: not a safetensors file ({exc})") from None
+    if size != expected:
+        raise DivlaEvalError(
+            f"{path} is damaged: {size} bytes where its header describes {expected} (truncated copy?)"
+        )
 
 
 def _latency_stats(latencies: list[float]) -> dict:
@@ -293,6 +380,16 @@ LOCK_FILE = ".divla-eval.lock"
 
 
 def _make_writable(run_dir: Path) -> None:
+    """Create the run directory and prove it writable, or say in one line why not (a file in the way
+    is named as such: "File exists" sent users looking for a directory that was not there)."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "it" if path == run_dir else str(path)
+                raise DivlaEvalError(
+                    f"cannot write to output directory {run_dir}: {what} is a file, not a directory"
+                )
+            break
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{uuid.uuid4().hex[:8]}"
@@ -332,15 +429,72 @@ def policy_info(cfg: RunConfig, policy=None) -> dict:
     return describe(**parse_policy_options(cfg.policy, cfg.policy_options))
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, policy=None) -> None:
+def _check_orphan_records(run_dir: Path) -> None:
+    """Refuse a directory that holds episode records but no manifest (deleted, or lost to a copy).
+
+    Without the manifest nothing says which config the records were made with, and a rerun with another
+    seed or policy wrote a new manifest over them: it resumed "past" episodes of another run and the
+    report labelled them as this one's. Recovering the config from the records is not possible either
+    (they hold the episodes' derived scene seeds, not the run seed), so the user decides."""
+    path = run_dir / "episodes.jsonl"
+    try:
+        with open(path, "rb") as f:
+            orphaned = any(line.strip() for line in f)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DivlaEvalError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if orphaned:
+        raise DivlaEvalError(
+            f"{run_dir} holds episode records but no manifest.json, so their config cannot be checked: "
+            "restore its manifest.json to resume it, or pass another --out"
+        )
+
+
+def execution_info(workers: int) -> dict:
+    """How this invocation runs episodes: what results may still depend on (a learned policy's float
+    reductions change with the torch thread count, and with the device and the versions of torch,
+    transformers and diffusers, which the manifest's `packages` hold), and what they do not (the worker
+    count: every episode's seeds come from its name)."""
+    from divla_eval.device import DEVICE_ENV, describe_device
+    from divla_eval.policy import TORCH_THREADS_ENV
+
+    return {
+        "workers": workers,
+        "torch_threads": int(os.environ.get(TORCH_THREADS_ENV) or 0) or None,
+        "device": describe_device(os.environ.get(DEVICE_ENV, "cpu")),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+REPRODUCIBILITY_NOTE = (
+    "records do not depend on the number of workers; a learned policy's results can depend on the "
+    "torch threads per worker (default 1), the device and the versions under 'packages'"
+)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, policy=None, execution: dict | None = None) -> None:
     """Check that `run_dir` (made writable by `exclusive`, which holds it) belongs to this config and
-    task version, and write its manifest if it has none. `policy`: a policy object, as for `run`."""
+    task version, and write its manifest if it has none. `policy`: a policy object, as for `run`.
+    `execution`: this invocation's `execution_info`, appended to the manifest's `sessions` so that a
+    resumed run says how each of its parts ran."""
+    try:
+        _prepare_run_dir(cfg, run_dir, policy, execution)
+    except OSError as exc:  # a full disk or a folder made read-only since the probe
+        raise DivlaEvalError(
+            f"cannot write {run_dir / 'manifest.json'}: {exc.strerror or exc}; nothing was run"
+        ) from None
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, policy, execution: dict | None) -> None:
     from divla_eval.device import DEVICE_ENV, describe_device
     from divla_eval.envs.objects import library_hash
     from divla_eval.tasks import get_task, task_options
 
     config = cfg.as_dict()
     manifest = read_manifest(run_dir)
+    if manifest is None:
+        _check_orphan_records(run_dir)
     planned = (manifest or {}).get("config", {}).get("episodes")
     # A larger --episodes extends a run: an episode's scene and seeds come from its index alone, so
     # the first N episodes of a longer run are the N already recorded. Fewer is still a mismatch.
@@ -367,10 +521,17 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, policy=None) -> None:
             "object_library_hash": library_hash(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **environment_info(Path(__file__).resolve().parent),  # the harness's own git revision
+            "reproducibility": REPRODUCIBILITY_NOTE,
+            "sessions": [execution] if execution else [],
         }
         write_manifest(run_dir, config, extra)
-    elif extends:
-        extra = {k: v for k, v in manifest.items() if k != "config"}
+        return
+    extra = {k: v for k, v in manifest.items() if k != "config"}
+    changed = False
+    if execution:
+        extra["sessions"] = [*manifest.get("sessions", []), execution]
+        changed = True
+    if extends:
         extra["extended"] = [
             *manifest.get("extended", []),
             {
@@ -379,7 +540,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, policy=None) -> None:
                 "git_commit": environment_info(Path(__file__).resolve().parent)["git_commit"],
             },
         ]
-        write_manifest(run_dir, config, extra)
+        changed = True
+    if changed:
+        write_manifest(run_dir, config if extends else manifest["config"], extra)
 
 
 class EpisodeWorker:
@@ -405,7 +568,7 @@ class EpisodeWorker:
             self.policy = policy
         else:
             try:
-                self.policy = make_policy(
+                self.policy = _no_exit(make_policy, cfg.policy)(
                     cfg.policy,
                     cfg.checkpoint,
                     action_dim=ACTION_DIM * arms,
@@ -440,13 +603,18 @@ class EpisodeWorker:
         )
 
     def run(self, spec) -> dict:
-        """Run one episode; a policy or simulator fault fails this episode (status "error"), not the run."""
+        """Run one episode; a policy or simulator fault fails this episode (status "error"), not the run.
+
+        A policy that calls `sys.exit` (SystemExit, which is no Exception) fails its episode too: it is
+        recorded with the exit code and the traceback, and the next episode runs. Ending the run instead
+        would make one policy bug look like a finished run with no message (as it used to), and
+        Ctrl-C (KeyboardInterrupt) still stops the run as before."""
         t0 = time.perf_counter()
         video_path = self.run_dir / "videos" / (spec.key.replace("/", "__") + ".mp4") if self.video else None
         try:
             outcome = run_episode(self.env, spec, self.policy, video_path)
             outcome.update(status="ok", error=None)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise_if_interrupted(exc)
             if getattr(exc, "fatal", False):  # e.g. the policy server is gone: stop, keep what finished
                 raise
@@ -500,21 +668,16 @@ def run(
     from divla_eval.device import DEVICE_ENV, resolve_device
     from divla_eval.policy import TORCH_THREADS_ENV
 
-    # Learned policies run torch: give each worker process its share of the cores, not all of them
-    # (oversubscribed threads made one DiVLA call several times slower here). Other jobs on the machine
-    # are invisible to that share: an OpenVLA run with 2 threads beside another 2-thread run on 2 cores
-    # took 190-550 ms per call instead of 11-14 ms, hence `threads` (`run --threads 1`).
-    if threads is None:
-        os.environ.setdefault(TORCH_THREADS_ENV, str(max(1, (os.cpu_count() or 1) // workers)))
-    elif threads < 1:
-        raise DivlaEvalError(f"--threads must be a positive integer, got {threads}")
-    else:
-        os.environ[TORCH_THREADS_ENV] = str(threads)
+    # Learned policies run torch with one thread per worker process unless `threads` says otherwise.
+    # Float reductions change with the thread count, so a default that followed the cores per worker
+    # made results depend on the worker count and the machine (same checkpoint and seed: 11/102 with 2
+    # workers x 1 thread, 10/102 with 1 worker x 2 threads); it was also slow whenever other jobs share
+    # the cores (8 DiVLA episodes: 44 s with 1 thread, 233 s with 2). The manifest records the threads.
+    check_parallelism(workers, threads)
+    os.environ[TORCH_THREADS_ENV] = str(threads if threads is not None else DEFAULT_TORCH_THREADS)
     os.environ[DEVICE_ENV] = resolve_device(device)  # every worker process builds its policy there
 
     validate(cfg, policy)
-    if workers < 1:
-        raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
     sent = policy
     if workers > 1:
         from divla_eval.parallel import check_spawn_safe
@@ -524,6 +687,26 @@ def run(
             sent = policy_for_workers(policy)
     with exclusive(run_dir):
         return _run_locked(cfg, run_dir, progress, video, workers, policy, sent)
+
+
+DEFAULT_TORCH_THREADS = 1
+"""Torch threads per evaluation worker when `threads` is not given: the same on every machine and for
+every worker count, so a learned policy's records do not move with either."""
+
+
+def _no_exit(build, name: str):
+    """`build` with a `sys.exit` inside it (a policy's constructor giving up) turned into one line:
+    SystemExit would otherwise end the run silently, or kill a worker process with no reason given."""
+
+    def call(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        except SystemExit as exc:
+            raise DivlaEvalError(
+                f"policy {name!r} called sys.exit({exc.code!r}) while being built; no episode was run"
+            ) from None
+
+    return call
 
 
 def policy_for_workers(policy) -> bytes:
@@ -553,6 +736,36 @@ def _unpickle_policy(data: bytes):
         ) from exc
 
 
+def _append(store: EpisodeStore, record: EpisodeRecord, saved: int) -> None:
+    """Append one record; when the disk is full (or the file went away), cut off any part-line written,
+    so the file holds exactly the finished episodes, and stop the run with one line saying so. A resume
+    after freeing space reruns only the episodes not recorded: nothing lost, nothing twice."""
+    path = store.path
+    try:
+        before = path.stat().st_size if path.exists() else 0
+    except OSError:
+        before = None
+    try:
+        store.append(record)
+    except OSError as exc:
+        if before is not None:
+            with contextlib.suppress(OSError), open(path, "r+b") as f:
+                f.truncate(before)  # truncating needs no free space
+        raise DivlaEvalError(
+            f"cannot write the record of {record.episode_key} to {path}: {exc.strerror or exc}; "
+            f"the {saved} episode(s) recorded before it are kept, rerun the same command to resume"
+        ) from None
+
+
+def _unclaim(run_dir: Path) -> None:
+    """Remove the manifest this invocation wrote when it stops before its first record (a policy that
+    cannot be built, Ctrl-C during the first episode): left behind, it claimed the directory for a
+    config that never ran, and the corrected rerun was refused as "a different config"."""
+    with contextlib.suppress(OSError):
+        if not (run_dir / "episodes.jsonl").exists() or not (run_dir / "episodes.jsonl").read_text().strip():
+            (run_dir / "manifest.json").unlink(missing_ok=True)
+
+
 def _run_locked(
     cfg: RunConfig,
     run_dir: Path,
@@ -567,13 +780,15 @@ def _run_locked(
     from divla_eval.parallel import run_unordered
     from divla_eval.tasks import get_task
 
-    prepare_run_dir(cfg, run_dir, policy)
-    manifest = read_manifest(run_dir)
+    created = read_manifest(run_dir) is None
     store = EpisodeStore(run_dir / "episodes.jsonl")
     existing = store.load()
     done = {r.episode_key for r in existing}
     plan = plan_episodes(cfg)
     todo = [s for s in plan if s.key not in done]
+    # a session is recorded when it has episodes to run (a finished run rerun is not one)
+    prepare_run_dir(cfg, run_dir, policy, execution_info(workers) if todo or created else None)
+    manifest = read_manifest(run_dir)
     task = get_task(cfg.task, **cfg.task_options)
     new_records: list[EpisodeRecord] = []
     successes = sum(r.success for r in existing)
@@ -594,11 +809,15 @@ def _run_locked(
                 policy_options=dict(cfg.policy_options),
                 **outcome,
             )
-            store.append(record)
+            _append(store, record, len(existing) + len(new_records))
             new_records.append(record)
             successes += record.success
             bar.update(1)
             bar.set_postfix(success=f"{successes / (len(existing) + len(new_records)):.0%}")
+    except BaseException:
+        if created and not existing and not new_records:
+            _unclaim(run_dir)
+        raise
     finally:
         bar.close()
     return RunSummary(

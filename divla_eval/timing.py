@@ -26,6 +26,7 @@ trained one's. Trained checkpoints are preferred; a table row says which weights
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import tempfile
@@ -275,8 +276,9 @@ def write_profile(
 ) -> Path:
     """profile.md: one stage table per (title, note, `profile_policy` table)."""
     from divla_eval.report import markdown_table
+    from divla_eval.safe_io import ensure_dir, write_text
 
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "--out directory")
     md = out / "profile.md"
     info = info or machine_info()
     load = f"; load average {info['load']:.1f} when it started" if "load" in info else ""
@@ -293,7 +295,7 @@ def write_profile(
     for title, note, df in profiles:
         lines += [f"## {title}", "", f"{note}.", "", markdown_table(display_profile(df)), ""]
     lines += ["Notes:", "", PROFILE_NOTES, ""]
-    md.write_text("\n".join(lines))
+    write_text(md, "\n".join(lines))
     return md
 
 
@@ -354,6 +356,16 @@ def shipped_checkpoint(name: str, task: str) -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
+def _trained_image_size(checkpoint: str | Path | None, default: int = 84) -> int:
+    """config.json's image_size of a checkpoint directory (a damaged or absent one is for `validate`
+    to report), else `default`."""
+    try:
+        size = json.loads((Path(checkpoint) / "config.json").read_text()).get("image_size")
+    except (TypeError, OSError, ValueError, AttributeError):
+        return default
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else default
+
+
 def check_policy(
     name: str, task: str = "bin_picking", checkpoint: str | Path | None = None, options: dict | None = None
 ) -> str | None:
@@ -376,6 +388,8 @@ def check_policy(
             policy=name,
             difficulty=task_obj.difficulties[0],
             checkpoint=None if checkpoint is None else str(checkpoint),
+            # bench shows each policy images of its own size: validation must not hold it to 84 px
+            image_size=_trained_image_size(checkpoint),
             policy_options=dict(options or {}),
         )
     )
@@ -587,10 +601,12 @@ def write_outputs(df: pd.DataFrame, out: Path, command: str, info: dict | None =
     """speed.csv and speed.md; `info` is `machine_info()` taken before the timing (its load average
     says how busy the machine was), else now."""
     from divla_eval.report import markdown_table
+    from divla_eval.safe_io import atomic_output, ensure_dir, write_text
 
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "--out directory")
     csv, md = out / "speed.csv", out / "speed.md"
-    df.to_csv(csv, index=False)
+    with atomic_output(csv) as tmp:  # a full disk keeps the previous table, never half of one
+        df.to_csv(tmp, index=False)
     info = info or machine_info()
     threads = ", ".join(str(t) for t in sorted(df.threads.unique()))
     load = f"; load average {info['load']:.1f} when it started" if "load" in info else ""
@@ -610,5 +626,5 @@ def write_outputs(df: pd.DataFrame, out: Path, command: str, info: dict | None =
     if ratio:
         lines += [ratio, ""]
     lines += ["Notes:", "", NOTES, ""]
-    md.write_text("\n".join(lines))
+    write_text(md, "\n".join(lines))
     return csv, md

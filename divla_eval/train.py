@@ -16,18 +16,20 @@ checkpoint/, with the data order derived from (seed, step) so the continuation i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from divla_eval.errors import ConfigMismatchError, DivlaEvalError
+from divla_eval.errors import ConfigMismatchError, DivlaEvalError, InvalidValueError
 from divla_eval.registry import Registry
 
 
@@ -71,37 +73,13 @@ RECIPES.register(
 )
 
 
-def _expected_type(f: dataclasses.Field) -> tuple[type, ...]:
-    """What a command-line value for a config field may be, judged from the field's default."""
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if "dict" in str(f.type):
-        return (dict, type(None))
-    if isinstance(default, bool):
-        return (bool,)
-    if isinstance(default, int):
-        return (int,)
-    if isinstance(default, float):
-        return (int, float)
-    if isinstance(default, (tuple, list)):
-        return (list, tuple)
-    if isinstance(default, dict):
-        return (dict,)
-    return (str, type(None)) if default is None or isinstance(default, str) else (type(default),)
-
-
 def check_options(config_cls: type, options: dict, label: str) -> None:
     """Refuse `--option` overrides that name no field of a policy's config dataclass or have the
-    wrong type, in one line, before a model is built (a typo must not silently train the default)."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(options) - set(fields))
-    if unknown:
-        raise DivlaEvalError(f"unknown {label} option(s) {unknown}; valid: {', '.join(sorted(fields))}")
-    for name, value in options.items():
-        expected = _expected_type(fields[name])
-        wrong_bool = isinstance(value, bool) and bool not in expected  # bool is an int in Python
-        if wrong_bool or not isinstance(value, expected):
-            kinds = "/".join(t.__name__ for t in expected)
-            raise DivlaEvalError(f"{label} option {name}={value!r}: expected {kinds}")
+    wrong type, in one line, before a model is built (a typo must not silently train the default).
+    The check is the one a checkpoint's config.json gets (`config_io.check_values`)."""
+    from divla_eval.config_io import check_values
+
+    check_values(config_cls, options, label, source="option")
 
 
 def random_shift(images, generator, pad: int = 4):
@@ -180,24 +158,11 @@ class TrainConfig:
 
 
 def _recorded_task(demos: Path) -> str:
-    """The task a demonstrations file was collected on; refuses files `divla-eval collect` did not make."""
-    from divla_eval.data.collect import FORMAT_VERSION
+    """The task a demonstrations file was collected on; refuses files `divla-eval collect` did not make
+    (read and checked by `divla_eval.data.demos`, like everything training reads of the file)."""
+    from divla_eval.data.demos import recorded_task
 
-    with _open_demos(demos) as f:
-        try:
-            env_args = json.loads(f["data"].attrs["env_args"])
-            task = env_args["env_kwargs"]["task"]
-        except (KeyError, ValueError) as exc:
-            raise DivlaEvalError(
-                f"{demos} has no data/ group with env_args: not a `divla-eval collect` file"
-            ) from exc
-    version = env_args.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DivlaEvalError(
-            f"{demos} was recorded in format {version}; this version reads format {FORMAT_VERSION} "
-            "(the proprioception layout changed): collect it again with `divla-eval collect`"
-        )
-    return task
+    return recorded_task(demos)
 
 
 def check_demos_task(demos: Path, task: str) -> None:
@@ -212,6 +177,9 @@ def check_demos_task(demos: Path, task: str) -> None:
 
 def _check_inputs(cfg: TrainConfig) -> None:
     RECIPES.check_name(cfg.policy)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DivlaEvalError(f"--out {out} is a file, not a directory: pass a new or existing directory")
     for path in cfg.demos:
         _recorded_task(path)  # exists, is HDF5, was made by `divla-eval collect`
     if len(set(p.resolve() for p in cfg.demos)) < len(cfg.demos):
@@ -343,8 +311,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     `main_process`: False in the other processes of a multi-process run, which write nothing)."""
     import torch
 
-    from divla_eval.data.dataset import DemoDataset
-
     _check_inputs(cfg)
     recipe: Recipe = RECIPES.get(cfg.policy)
     acc = _accelerator(cfg)  # before the thread count: a multi-CPU launch sets its own
@@ -353,7 +319,37 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             f"--batch-size {cfg.batch_size} must divide among the {acc.num_processes} processes"
         )
     torch.set_num_threads(cfg.threads)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if acc.is_main_process:  # the one process that writes; the others of a DDP run only read
+            stack.enter_context(_locked(Path(cfg.out)))
+        return _train_locked(cfg, recipe, acc, progress)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold the run directory's lock (`runner.exclusive`, the one `divla-eval run` takes) while
+    training: two `train` processes into one --out would both run, interleave train_log.jsonl and
+    overwrite each other's checkpoints."""
+    from divla_eval.runner import exclusive
+
+    lock = exclusive(out)
+    try:
+        lock.__enter__()
+    except DivlaEvalError as exc:
+        if isinstance(exc.__context__, BlockingIOError):  # held: say what holds it in train's words
+            raise DivlaEvalError(
+                f"another divla-eval process is writing into {out} (training?): wait for it to finish "
+                "or pass another --out"
+            ) from None
+        raise
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _train_locked(cfg: TrainConfig, recipe: Recipe, acc, progress: bool) -> dict:
+    from divla_eval.data.dataset import DemoDataset
 
     ds_kwargs = recipe.dataset_kwargs(cfg.options)
     splits = {_split(p) for p in cfg.demos}  # each file's `train` mask, when every file has one
@@ -386,7 +382,7 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
     start = 0
     torch.manual_seed(cfg.seed)
     if state_path.is_file():
-        state = json.loads(state_path.read_text())
+        state = read_trainer_state(state_path)
         stored = {k: v for k, v in state["key"].items() if k != "threads"}  # older states kept it
         if stored != cfg.resume_key():
             diff = sorted(k for k in stored if stored.get(k) != cfg.resume_key().get(k))
@@ -408,7 +404,7 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if start:  # saved from any device; load_state_dict moves the state to the parameters' device
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        _load_optimizer(opt, ckpt)
     main = acc.is_main_process
     if start >= cfg.steps:
         if main:
@@ -426,6 +422,7 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
     show = progress and main
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=f"train {cfg.policy}", unit="step")
     t0 = time.perf_counter()
+    last_saved = start  # the step of the checkpoint a rerun would resume from (0: none)
     try:
         with open(log_path if main else os.devnull, "a") as log:
             for step in range(start, cfg.steps):
@@ -440,7 +437,10 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
                             losses = recipe.loss(net, batch, gen)
                         acc.backward(losses["loss"])
                     parts.append({k: v.detach() for k, v in losses.items()})
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if not _finite(parts, norm, acc):  # before the update: the weights stay good
+                    bar.close()
+                    raise _diverged(cfg, parts, step, last_saved)
                 opt.step()
                 if ema is not None:
                     _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
@@ -457,11 +457,120 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
                     _save_snapshot(cfg, recipe, ema if ema is not None else model, done, dataset)
                 if main and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     _save_checkpoint(cfg, recipe, model, ema, opt, done)
+                    last_saved = done
     except KeyboardInterrupt:
         bar.close()
         raise
     bar.close()
     return _finish(cfg, recipe, model, ema, cfg.steps, time.perf_counter() - t0, dataset, opt, acc=acc)
+
+
+class TrainingDivergedError(DivlaEvalError):
+    """The loss or the gradients became NaN or infinite: stopped before the update that would have
+    spread it into every weight (and into the EMA and the checkpoints)."""
+
+
+def _finite(parts: list[dict], norm, acc) -> bool:
+    """Whether this step's losses and its gradient norm are finite. One host sync per step (the
+    check must come before the update); in a multi-process run the verdict is shared, so that every
+    process stops at the same step instead of the others waiting for it in a collective."""
+    import torch
+
+    values = torch.stack([p["loss"].detach().float().reshape(()) for p in parts] + [norm.float().reshape(())])
+    bad = (~torch.isfinite(values)).any().float()
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad.reshape(1), reduction="sum")
+    return not bool(bad.item())
+
+
+def _diverged(cfg: TrainConfig, parts: list[dict], step: int, last_saved: int) -> TrainingDivergedError:
+    loss = [float(p["loss"]) for p in parts]
+    shown = ", ".join(f"{v:g}" for v in loss) if len(loss) > 1 else f"{loss[0]:g}"
+    ckpt = Path(cfg.out) / "checkpoint"
+    kept = (
+        f"the last good checkpoint (step {last_saved}) stays in {ckpt}"
+        if last_saved
+        else "no checkpoint had been saved yet"
+    )
+    return TrainingDivergedError(
+        f"training diverged at step {step}: loss {shown} (or its gradients) is not finite; stopped before "
+        f"the update, {kept}; train into another --out with a lower --lr, or check the demonstrations"
+    )
+
+
+class _TrainerState(typing.TypedDict):
+    step: int
+    key: dict
+
+
+def read_trainer_state(path: Path) -> dict:
+    """checkpoint/trainer_state.json, checked: an object with the step reached (an integer >= 0)
+    and the settings it was trained with (an object). Anything else is one line naming the file and
+    saying how to start over, instead of a KeyError at resume."""
+    from divla_eval.checkpoint import CheckpointError
+    from divla_eval.schema import check_value, read_json
+
+    how = f"delete {path.parent} to train again from step 0, or pass another --out"
+    try:
+        state = read_json(path, CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {how}") from None
+    try:
+        check_value(state, _TrainerState)
+        if state["step"] < 0:
+            raise InvalidValueError(f"field 'step': expected an integer >= 0, got {state['step']}")
+    except InvalidValueError as exc:
+        raise CheckpointError(f"{path}: {exc}; {how}") from None
+    return state
+
+
+def _load_optimizer(opt, ckpt: Path) -> None:
+    """The optimiser's state from checkpoint/optimizer.pt (tensors only: `weights_only`); a damaged
+    file, or one saved for other parameters, is a CheckpointError saying how to start over."""
+    import torch
+
+    from divla_eval.checkpoint import CheckpointError
+
+    path = ckpt / "optimizer.pt"
+    try:
+        opt.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError, ...
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(
+            f"{path} is damaged ({reason}); delete {ckpt} to train again from step 0, or pass another --out"
+        ) from None
+
+
+class _LogRow(typing.TypedDict):
+    step: int
+
+
+def read_log(path: Path) -> list[dict]:
+    """train_log.jsonl's rows, oldest first. A row that is not a JSON object with an integer `step`
+    and numeric values is dropped with one warning: a kill in the middle of a write tears the last
+    row, and the log only feeds the loss plot and the resumed run's clock, where a lost row costs
+    nothing and refusing to train would."""
+    import warnings
+
+    from divla_eval.schema import check_value, parse_json
+
+    if not path.is_file():
+        return []
+    rows, dropped = [], 0
+    for raw in path.read_bytes().split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            row = parse_json(raw)
+            check_value(row, _LogRow)
+            check_value(row, dict[str, float])
+        except InvalidValueError:
+            dropped += 1
+            continue
+        rows.append(row)
+    if dropped:
+        warnings.warn(f"{path}: ignored {dropped} unreadable row(s) (an interrupted write?)", stacklevel=2)
+    return rows
 
 
 def _on_device(batch: dict, device) -> dict:
@@ -503,22 +612,23 @@ def is_loss(key: str) -> bool:
 
 
 def _open_demos(path):
-    import h5py
+    from divla_eval.data.demos import open_demos
 
-    if not Path(path).is_file():
-        raise DivlaEvalError(
-            f"demonstrations file {path} does not exist (make one with `divla-eval collect`)"
-        )
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise DivlaEvalError(f"{path} is not a readable HDF5 demonstrations file ({exc})") from exc
+    return open_demos(path)
 
 
 def _split(path) -> str | None:
-    """Train on the file's `train` mask when it has one (the `valid` demos stay unseen)."""
+    """Train on the file's `train` mask when it has one (the `valid` demos stay unseen). The mask's
+    contents are checked when the dataset reads it (`divla_eval.data.demos.demo_names`)."""
+    import h5py
+
     with _open_demos(path) as f:
-        return "train" if "mask/train" in f and len(f["mask/train"]) else None
+        mask = f.get("mask/train")
+        if mask is None:
+            return None
+        if not isinstance(mask, h5py.Dataset) or mask.ndim != 1:
+            return "train"  # not a list of names: demo_names refuses it with the file's name
+        return "train" if len(mask) else None
 
 
 def _truncate_log(path: Path, start: int) -> float:
@@ -526,10 +636,9 @@ def _truncate_log(path: Path, start: int) -> float:
     the training seconds of the last row kept, where the resumed run's clock continues."""
     if not path.is_file():
         return 0.0
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r)["step"] < start]
-    path.write_text("".join(r + "\n" for r in kept))
-    return float(json.loads(kept[-1]).get("seconds", 0.0)) if kept else 0.0
+    kept = [r for r in read_log(path) if r["step"] < start]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return float(kept[-1].get("seconds", 0.0)) if kept else 0.0
 
 
 def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, ema, opt, step: int) -> None:
@@ -609,7 +718,7 @@ def _finish(
     if opt is not None:
         _save_checkpoint(cfg, recipe, model, ema, opt, step)
     log_path = out / "train_log.jsonl"
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    rows = read_log(log_path)
     if rows:
         names = " + ".join(p.name for p in cfg.demos)
         plot_losses(rows, out / "losses.png", title=f"{cfg.policy} on {names}")

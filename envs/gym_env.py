@@ -65,6 +65,33 @@ class SimulationFault(RuntimeError):
     """The simulator went into a state that invalidates the episode (recorded as an error)."""
 
 
+FAULT_WARNINGS = {
+    mujoco.mjtWarning.mjWARN_BADQPOS: "bad qpos (NaN, Inf or huge position)",
+    mujoco.mjtWarning.mjWARN_BADQVEL: "bad qvel (NaN, Inf or huge velocity)",
+    mujoco.mjtWarning.mjWARN_BADQACC: "bad qacc (NaN, Inf or huge acceleration)",
+    mujoco.mjtWarning.mjWARN_BADCTRL: "bad ctrl (NaN, Inf or huge control)",
+    mujoco.mjtWarning.mjWARN_CONTACTFULL: "contact buffer full (contacts were dropped)",
+    mujoco.mjtWarning.mjWARN_CNSTRFULL: "constraint buffer full (constraints were dropped)",
+}
+"""MuJoCo warnings after which a step's physics cannot be trusted. For the first four MuJoCo resets the
+state to the model's defaults (or zeroes the control) and carries on: an episode that went through it
+ends in a state no policy produced, and used to be recorded as an ordinary failure when only qacc was
+checked. Each raises `SimulationFault`, so the runner records the episode as `error`. (mjWARN_INERTIA
+is a model-compile warning and mjWARN_VGEOMFULL only affects drawing.)"""
+
+
+def check_simulation(data) -> None:
+    """Raise `SimulationFault` naming the first instability MuJoCo has counted in `data` since its last
+    reset (robosuite's reset calls mj_resetData, which clears the counters)."""
+    for kind, text in FAULT_WARNINGS.items():
+        stat = data.warning[kind]
+        if stat.number > 0:
+            raise SimulationFault(
+                f"MuJoCo reported an unstable simulation: {text}, {stat.number} time(s), last at index "
+                f"{stat.lastinfo}; the episode is invalid"
+            )
+
+
 class DivlaEnv(gym.Env):
     """A registered task as a gymnasium env.
 
@@ -217,10 +244,7 @@ class DivlaEnv(gym.Env):
         if not np.all(np.isfinite(action)):
             raise SimulationFault(f"non-finite action {action.tolist()}")
         self.sim.step(action)
-        warnings = self.sim.sim.data._data.warning
-        if warnings[mujoco.mjtWarning.mjWARN_BADQACC].number > 0:
-            # MuJoCo resets an exploding state silently; an episode that went through that is not valid.
-            raise SimulationFault("MuJoCo reported an unstable simulation (bad qacc); the state was reset")
+        check_simulation(self.sim.sim.data._data)
         self.episode.on_step(self.sim)
         self.steps += 1
         info = self._info()

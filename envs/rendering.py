@@ -17,8 +17,10 @@ demonstrations, evaluation and videos alike (robosuite's flipped "opengl" conven
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -169,11 +171,27 @@ def lighten_robot_meshes(xml: str) -> str:
     return ET.tostring(root, encoding="unicode") if changed else xml
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_CLOSE_AT_EXIT_REGISTERED = False
+
+
+def _close_live_renderers() -> None:
+    """Close every renderer still open when the interpreter exits (a gymnasium env made with
+    render_mode="rgb_array" and never closed). mujoco's EGL module terminates the EGL display in its
+    own atexit handler; a renderer freed after that, by `__del__` during interpreter teardown, printed
+    EGLError tracebacks. Registered after the first renderer's GL context exists, so it runs first."""
+    for renderer in list(_LIVE):
+        try:
+            renderer.close()
+        except Exception:  # at exit nothing is left to report to; a GL error here changes no result
+            pass
+
+
 class CameraRenderer:
     """One offscreen renderer for a compiled model; draws named cameras as uint8 HxWx3 arrays.
 
     Keep one per process (DESIGN.md: several EGL contexts in one process have been seen returning each
-    other's frames); `close()` it before making the next.
+    other's frames); `close()` it before making the next. One left open is closed at interpreter exit.
     """
 
     def __init__(self, model: mujoco.MjModel, height: int, width: int):
@@ -191,6 +209,11 @@ class CameraRenderer:
         flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0  # hidden behind the arena walls anyway; ~0.8 ms a frame
+        global _CLOSE_AT_EXIT_REGISTERED
+        _LIVE.add(self)
+        if not _CLOSE_AT_EXIT_REGISTERED:
+            atexit.register(_close_live_renderers)
+            _CLOSE_AT_EXIT_REGISTERED = True
 
     def render(self, data: mujoco.MjData, camera: str) -> np.ndarray:
         self._renderer.update_scene(data, camera=camera, scene_option=self._option)
@@ -203,4 +226,5 @@ class CameraRenderer:
             mujoco.mjr_uploadTexture(self.model, self._renderer._mjr_context, tex)
 
     def close(self) -> None:
+        _LIVE.discard(self)
         self._renderer.close()

@@ -20,14 +20,12 @@ from divla_eval.checkpoint import (
     CheckpointError,
     check_files,
     check_inference_options,
-    check_policy_of,
     check_proprio,
     checkpoint_hash,
     load_weights,
     read_config,
     save_weights,
 )
-from divla_eval.errors import ConfigMismatchError
 from divla_eval.policy import (
     ActionChunk,
     Observation,
@@ -45,12 +43,8 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_di
     config dict."""
     path = Path(path)
     check_files(path, REQUIRED_FILES, LABEL)
-    d = read_config(path)
-    check_policy_of(path, d, "diffusion_policy")
-    try:
-        cfg = DiffusionPolicyConfig.from_dict(d)
-    except (ConfigMismatchError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'config.json'} is not a valid {LABEL} config: {exc}") from exc
+    d = read_config(path, DiffusionPolicyConfig, "diffusion_policy")  # checked: from_dict cannot fail
+    cfg = DiffusionPolicyConfig.from_dict(d)
     if embodiment is not None and embodiment != cfg.embodiment:
         raise CheckpointError(
             f"{path} was trained for {cfg.embodiment!r}, not for {embodiment!r}: train one on this robot's "

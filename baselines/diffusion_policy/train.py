@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from divla_eval.baselines.diffusion_policy.config import LABEL, DiffusionPolicyConfig
+from divla_eval.config_io import build as build_config
 from divla_eval.errors import DivlaEvalError
 from divla_eval.train import Recipe, check_options, random_shift
 
@@ -19,8 +20,8 @@ def config_from_options(options: dict) -> DiffusionPolicyConfig:
     fixed = sorted(set(options) & set(FROM_DATA))
     if fixed:
         raise DivlaEvalError(f"{LABEL} option(s) {fixed} are read from the demonstrations, not set")
-    try:
-        return DiffusionPolicyConfig(**options)
+    try:  # a zero divisor or a wrong nesting in the options is a ValueError too
+        return build_config(DiffusionPolicyConfig, options)
     except ValueError as exc:
         raise DivlaEvalError(f"invalid {LABEL} options: {exc}") from exc
 

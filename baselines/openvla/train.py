@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from divla_eval.baselines.openvla.config import LABEL, OpenVLAConfig
+from divla_eval.config_io import build as build_config
 from divla_eval.errors import DivlaEvalError
 from divla_eval.train import Recipe, check_options, random_shift
 
@@ -21,8 +22,8 @@ def config_from_options(options: dict) -> OpenVLAConfig:
     for name in ("vision_pretrained", "vlm_pretrained"):  # offline: a local checkpoint directory only
         if options.get(name) is not None and not Path(options[name]).is_dir():
             raise DivlaEvalError(f"{name}: {options[name]} is not a directory (a local HF checkpoint)")
-    try:
-        return OpenVLAConfig(**options)
+    try:  # a zero divisor or a wrong nesting in the options is a ValueError too
+        return build_config(OpenVLAConfig, options)
     except ValueError as exc:
         raise DivlaEvalError(f"invalid {LABEL} options: {exc}") from exc
 

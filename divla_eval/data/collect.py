@@ -29,18 +29,23 @@ File layout (robomimic's, plus what a VLA needs):
 There is no `next_obs`: it would double the file for nothing a chunked policy uses; robomimic readers
 set `hdf5_load_next_obs=False`.
 
-Collection resumes: each demo is written and flushed as soon as its episode ends, and a rerun with the
-same arguments skips every episode already decided (demo or failure; the expert is deterministic, so a
-failure would fail again). A larger --episodes extends the file. A file made with other arguments is
-refused, since mixing them would silently change what the demonstrations show. Ctrl-C closes the file
-cleanly; a hard kill in the middle of an HDF5 write can leave it unreadable (HDF5 has no journal).
+Collection resumes: each demo is saved in its own file (OUT.partial/demo_<i>.hdf5) as soon as its
+episode ends, and a rerun with the same arguments skips every episode already decided (demo or failure;
+the expert is deterministic, so a failure would fail again). A larger --episodes extends the file. A file
+made with other arguments is refused, since mixing them would silently change what the demonstrations
+show. OUT itself is never written in place (HDF5 has no journal: a kill or a full disk in the middle of
+a write left files that could not be opened again): when a session ends, however it ends, the new OUT
+is built beside the old one and renamed over it, and a session killed outright leaves its demos in
+OUT.partial/ for the next run to merge. See `_Journal` and `_merge`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 import traceback
@@ -322,44 +327,43 @@ def _demo_number(name: str) -> int:
     return int(name.split("_", 1)[1])
 
 
-def _open(path: Path, args: dict):
-    """Open (or create) the file for appending, refusing one made with other arguments."""
+def _h5_error(path: Path, exc: OSError, what: str) -> DivlaEvalError:
+    """One line for an HDF5 file that cannot be opened or created, in the words a user can act on."""
+    text = str(exc)
+    detail = re.search(r"error message = '([^']*)'", text)
+    if "unable to lock file" in text:
+        reason = "it is open in another process (is another collect writing it?)"
+    elif detail:
+        reason = detail.group(1)
+    elif what == "open" and exc.errno in (None, 0):
+        reason = (
+            f"not a readable HDF5 file ({text}); one left by an older divla-eval that was killed "
+            "cannot be resumed: use a new --out"
+        )
+    else:
+        reason = exc.strerror or text
+    return DivlaEvalError(f"cannot {what} {path}: {reason}")
+
+
+def _check_existing(path: Path, args: dict) -> None:
+    """Refuse an --out that is a directory, not a demonstration file, or made with other arguments.
+    Read-only: nothing is written before the arguments are known to be good."""
     import h5py
 
     if path.is_dir():
         raise DivlaEvalError(f"--out {path} is a directory; give an .hdf5 file path")
-    exists = path.exists()
+    if not path.exists():
+        return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(path, "r")
     except OSError as exc:
-        raise DivlaEvalError(
-            f"cannot create {path}: {path.parent} is not a usable directory ({exc.strerror or exc})"
-        ) from None
-    try:
-        f = h5py.File(path, "a")
-    except OSError as exc:
-        what = "open" if exists else "create"
-        text = str(exc)
-        detail = re.search(r"error message = '([^']*)'", text)
-        if "unable to lock file" in text:
-            reason = "it is open in another process (is another collect writing it?)"
-        elif detail:
-            reason = detail.group(1)
-        elif exists and exc.errno in (None, 0):
-            # HDF5 without SWMR cannot survive a kill in the middle of a write (Ctrl-C is handled)
-            reason = f"not a readable HDF5 file ({text}); if a collection was killed, use a new --out"
-        else:
-            reason = exc.strerror or text
-        raise DivlaEvalError(f"cannot {what} {path}: {reason}") from None
-    try:
+        raise _h5_error(path, exc, "open") from None
+    with f:
         data = f.get("data")
         if data is None:
             if len(f.keys()):
                 raise DivlaEvalError(f"{path} is an HDF5 file but not a demonstration file (no data/ group)")
-            data = f.create_group("data")
-            data.attrs["env_args"] = json.dumps(args, sort_keys=True)
-            _stamp_environment(data)
-            return f
+            return
         if "env_args" not in data.attrs:
             raise DivlaEvalError(f"{path} has no data.attrs['env_args']; not made by divla-eval collect")
         old = json.loads(data.attrs["env_args"])
@@ -369,10 +373,6 @@ def _open(path: Path, args: dict):
             raise DivlaEvalError(
                 f"{path} was collected with different arguments ({'; '.join(diffs)}); use another --out file"
             )
-        return f
-    except BaseException:
-        f.close()
-        raise
 
 
 def _stamp_environment(data) -> None:
@@ -386,15 +386,16 @@ def _stamp_environment(data) -> None:
     data.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _complete_demos(data) -> list[str]:
-    """Demos whose writing finished (`num_samples` is the last thing written); others are dropped."""
+def _complete_demos(data, drop: bool = True) -> list[str]:
+    """Demos whose writing finished (`num_samples` is the last thing written); torn ones (left in files
+    written in place by older versions) are dropped when `drop`, else only left out."""
     done = []
     for name in list(data.keys()):
         if not name.startswith("demo_"):
             continue
         if "num_samples" in data[name].attrs:
             done.append(name)
-        else:
+        elif drop:
             del data[name]  # torn by an interrupted write: redo the episode
     return sorted(done, key=_demo_number)
 
@@ -439,28 +440,279 @@ def _update_index(f, failed: dict[str, str]) -> tuple[list[str], int]:
     return names, total
 
 
+# --- crash safety: a journal of finished demos, merged into --out atomically -------------------------
+PARTS_SUFFIX = ".partial"
+"""`OUT.partial/` holds the demos and failures of a collection not yet merged into OUT."""
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + PARTS_SUFFIX)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the new name survives a power cut, not only a kill)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Journal:
+    """The demos and failures of this and earlier, unmerged sessions, one file per demo in OUT.partial/.
+
+    HDF5 has no journal: a process killed (or a disk filling) in the middle of writing into a file
+    leaves it unreadable, and every demo in it was lost (h5py even segfaulted opening one). So the
+    output file is never written in place. Each finished demo goes to its own small file, written under
+    a temporary name, fsynced and renamed; a failure is a fsynced line in failed.jsonl. At the end of a
+    session (normal, Ctrl-C or error) `_merge` builds the new OUT beside the old one and renames it
+    over it. A session killed outright leaves its demos here, and the next run with the same arguments
+    counts them as done and merges them. A lock file keeps two collections from sharing a journal."""
+
+    def __init__(self, out: Path, args: dict):
+        self.out, self.dir = out, parts_dir(out)
+        self.args = json.loads(json.dumps(args, sort_keys=True))
+        self._lock = None
+
+    def open(self) -> None:
+        import fcntl
+
+        from divla_eval.safe_io import ensure_dir, reason
+
+        ensure_dir(self.dir, "the journal directory")
+        try:
+            self._lock = open(self.dir / ".lock", "w")
+        except OSError as exc:
+            raise DivlaEvalError(f"cannot create {self.dir / '.lock'}: {reason(exc)}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise DivlaEvalError(
+                f"another divla-eval collect is writing {self.out} (it holds {self.dir / '.lock'}): wait "
+                "for it to finish or pass another --out"
+            ) from None
+        args_file = self.dir / "env_args.json"
+        if args_file.is_file():
+            try:
+                old = json.loads(args_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                old = None  # torn by a kill before its rename could not happen; rewritten below
+            if old is not None and old != self.args:
+                diffs = _diff(old, self.args)
+                raise DivlaEvalError(
+                    f"{self.dir} holds unmerged demos collected with other arguments ({'; '.join(diffs)}): "
+                    f"rerun those arguments to merge them into {self.out}, or pass another --out"
+                )
+            if old is not None:
+                return
+        from divla_eval.safe_io import write_text
+
+        write_text(args_file, json.dumps(self.args, sort_keys=True))
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def demo_files(self) -> dict[str, Path]:
+        """Demo name -> its file: only complete ones exist under that name (they arrive by rename)."""
+        files = {p.stem: p for p in self.dir.glob("demo_*.hdf5")}
+        return dict(sorted(files.items(), key=lambda kv: _demo_number(kv[0])))
+
+    def failures(self) -> dict[str, str]:
+        path = self.dir / "failed.jsonl"
+        if not path.is_file():
+            return {}
+        failed = {}
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                failed[str(row["key"])] = str(row["reason"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a kill: that episode is simply run again
+        return failed
+
+    def demo_keys(self) -> dict[str, int]:
+        """Episode key -> samples of each journalled demo (its attrs, a few KB read per file)."""
+        import h5py
+
+        keys = {}
+        for name, path in self.demo_files().items():
+            try:
+                with h5py.File(path, "r") as f:
+                    g = f["data"][name]
+                    keys[str(g.attrs["episode_key"])] = int(g.attrs["num_samples"])
+            except (OSError, KeyError):
+                path.unlink(missing_ok=True)  # unreadable (not ours, or a disk error): run it again
+        return keys
+
+    def add_demo(self, outcome: _Outcome) -> None:
+        """Write one demo to its own file; on a full disk, one line (earlier demos are all kept)."""
+        import h5py
+
+        from divla_eval.safe_io import OutputError, reason
+
+        name = demo_name(outcome.spec.episode_index)
+        final = self.dir / f"{name}.hdf5"
+        tmp = self.dir / f".{name}.hdf5.tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                _write_demo(f.create_group("data"), outcome)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            saved = len(self.demo_files())
+            raise OutputError(
+                f"cannot write {name} of {self.out}: {reason(exc)}; the {saved} demo(s) finished before it "
+                f"are kept (in {self.out}, or in {self.dir} until merged), rerun the same command to resume"
+            ) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def add_failure(self, key: str, why: str) -> None:
+        from divla_eval.safe_io import OutputError, reason
+
+        try:
+            with open(self.dir / "failed.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "reason": why}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OutputError(f"cannot record failed episode {key} in {self.dir}: {reason(exc)}") from None
+
+    def clear(self) -> None:
+        """Remove the journal once its content is in the output file."""
+        for path in [*self.dir.glob("demo_*.hdf5"), *self.dir.glob(".demo_*.tmp")]:
+            path.unlink(missing_ok=True)
+        for name in ("failed.jsonl", "env_args.json", ".lock"):
+            (self.dir / name).unlink(missing_ok=True)
+        self.close()
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass  # something else was put there: leave it
+
+
+def _merge(out: Path, args: dict, journal: _Journal, session: dict) -> tuple[list[str], int, dict]:
+    """Build the new output file from the old one plus the journal, beside it, and rename it over it.
+
+    The old file is copied (an in-kernel copy; the cost of never writing it in place: ~1 s for 300 MB),
+    the journalled demos are copied in group by group (raw chunks, nothing recompressed), the index and
+    the session are updated, and only a complete, fsynced file replaces the old one. A full disk is
+    found before the copy starts and leaves everything as it was, with one line."""
+    import shutil
+    import tempfile
+
+    import h5py
+
+    from divla_eval.safe_io import OutputError, reason
+
+    parts = journal.demo_files()
+    failures = journal.failures()
+    need = (out.stat().st_size if out.exists() else 0) + sum(p.stat().st_size for p in parts.values())
+    free = shutil.disk_usage(out.parent).free
+    kept = (
+        f"the {len(parts)} unmerged demo(s) are kept in {journal.dir}; rerun the same command to merge them"
+    )
+    if free < need + (1 << 20):
+        raise OutputError(
+            f"cannot update {out}: it needs {need / 2**20:.1f} MiB free to be rewritten safely and "
+            f"{free / 2**20:.1f} MiB are (free some space); {kept}"
+        )
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot update {out}: {reason(exc)}; {kept}") from None
+    tmp = Path(tmp_name)
+    try:
+        if out.exists():
+            shutil.copyfile(out, tmp)
+        with h5py.File(tmp, "a" if out.exists() else "w") as f:
+            data = f.get("data")
+            if data is None:
+                data = f.create_group("data")
+                data.attrs["env_args"] = json.dumps(args, sort_keys=True)
+                _stamp_environment(data)
+            failed: dict[str, str] = json.loads(data.attrs.get("failed_episodes", "{}"))
+            failed.update(failures)
+            for name, path in parts.items():
+                if name in data:
+                    del data[name]
+                with h5py.File(path, "r") as part:
+                    part.copy(part["data"][name], data, name=name)
+            sessions = json.loads(data.attrs.get("sessions", "[]"))
+            data.attrs["sessions"] = json.dumps([*sessions, session], sort_keys=True)
+            names, total = _update_index(f, failed)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; demonstrations are meant to be shared
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot update {out}: {reason(exc)}; {kept}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    journal.clear()
+    return names, total, failed
+
+
+def _read_done(out: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """(episode key -> samples of each complete demo, failures) already in the output file."""
+    import h5py
+
+    if not out.exists():
+        return {}, {}
+    with h5py.File(out, "r") as f:
+        data = f.get("data")
+        if data is None:
+            return {}, {}
+        demos = {
+            str(data[n].attrs["episode_key"]): int(data[n].attrs["num_samples"])
+            for n in _complete_demos(data, drop=False)
+        }
+        return demos, json.loads(data.attrs.get("failed_episodes", "{}"))
+
+
 def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int = 1) -> CollectSummary:
-    """Record (or resume recording) every planned episode of `cfg` into `out`."""
+    """Record (or resume recording) every planned episode of `cfg` into `out`.
+
+    Nothing is lost or duplicated whatever stops it: finished demos are journalled one file each (see
+    `_Journal`) and merged into `out` atomically when the session ends; a killed session's demos are
+    merged by the next run with the same arguments."""
     from tqdm import tqdm
 
-    from divla_eval.runner import plan_episodes, validate
+    from divla_eval.runner import check_parallelism, plan_episodes, validate
+    from divla_eval.safe_io import check_writable_dir
 
     out = Path(out)
-    if workers < 1:
-        raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
+    check_parallelism(workers)
     cfg = _resolve(cfg)
     run_cfg = cfg.run_config()
     validate(run_cfg)
     plan = plan_episodes(run_cfg)
     args = env_args(cfg)
-    with _open(out, args) as f:
-        data = f["data"]
-        failed: dict[str, str] = json.loads(data.attrs.get("failed_episodes", "{}"))
-        names, _ = _update_index(f, failed)
-        done_keys = {data[n].attrs["episode_key"] for n in names} | set(failed)
-        todo = [s for s in plan if s.key not in done_keys]
-        session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "planned": len(plan), "ran": 0}
-        sessions = json.loads(data.attrs.get("sessions", "[]"))
+    _check_existing(out, args)
+    try:
+        check_writable_dir(out.parent, "directory")
+    except DivlaEvalError as exc:
+        raise DivlaEvalError(f"cannot create {out}: {exc}") from None
+    journal = _Journal(out, args)
+    journal.open()
+    try:
+        demos, failed = _read_done(out)
+        before = len(demos)
+        demos.update(journal.demo_keys())
+        failed.update(journal.failures())
+        todo = [s for s in plan if s.key not in demos and s.key not in failed]
         decided_in_plan = len(plan) - len(todo)
         bar = tqdm(
             total=len(plan),
@@ -469,36 +721,47 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
             unit="ep",
             desc=f"collect {cfg.task}",
         )
-        n_demos, ran = len(names), 0
-        start = time.perf_counter()
-        try:
-            for _spec, outcome in run_unordered(_Collector, (cfg,), todo, workers, "demos"):
-                if outcome.data is None:
-                    failed[outcome.spec.key] = outcome.reason or "unknown"
-                else:
-                    _write_demo(data, outcome)
-                    n_demos += 1
-                ran += 1
-                _update_index(f, failed)
-                f.flush()  # each finished demo survives an interrupted collection
-                bar.update(1)
-                bar.set_postfix(demos=n_demos, failed=len(failed))
-        finally:
-            bar.close()
+        session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "planned": len(plan), "ran": 0}
+        n_demos, ran = len(demos), 0
+        start, seconds = time.perf_counter(), [0.0]
+
+        def close_session() -> dict:
             from divla_eval.records import environment_info
 
             env = environment_info(Path(__file__).resolve().parent)
-            seconds = time.perf_counter() - start
+            seconds[0] = time.perf_counter() - start
             session.update(
                 ran=ran,
-                new_demos=n_demos - len(names),
-                seconds=round(seconds, 1),
+                new_demos=n_demos - before,
+                seconds=round(seconds[0], 1),
                 workers=workers,
                 git_commit=env["git_commit"],
                 packages=env["packages"],
             )
-            data.attrs["sessions"] = json.dumps([*sessions, session], sort_keys=True)
-        names, total = _update_index(f, failed)
+            return session
+
+        try:
+            for _spec, outcome in run_unordered(_Collector, (cfg,), todo, workers, "demos"):
+                if outcome.data is None:
+                    journal.add_failure(outcome.spec.key, outcome.reason or "unknown")
+                    failed[outcome.spec.key] = outcome.reason or "unknown"
+                else:
+                    journal.add_demo(outcome)
+                    n_demos += 1
+                ran += 1
+                bar.update(1)
+                bar.set_postfix(demos=n_demos, failed=len(failed))
+        except BaseException:
+            bar.close()
+            # Merge what finished (Ctrl-C included); if that fails too, the first error is the one to
+            # report, and the journal keeps the demos for the next run.
+            with contextlib.suppress(DivlaEvalError, OSError):
+                _merge(out, args, journal, close_session())
+            raise
+        bar.close()
+        names, total, failed = _merge(out, args, journal, close_session())
+    finally:
+        journal.close()
     return CollectSummary(
         path=out,
         planned=len(plan),
@@ -509,5 +772,5 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
         failed=failed,
         samples=total,
         new_demos=session["new_demos"],
-        seconds=seconds,
+        seconds=seconds[0],
     )

@@ -14,7 +14,6 @@ per item.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -23,19 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-
-def _demo_names(f: h5py.File, demos) -> list[str]:
-    all_names = sorted((n for n in f["data"].keys() if n.startswith("demo_")), key=lambda n: int(n[5:]))
-    if demos is None:
-        return all_names
-    if isinstance(demos, str):
-        if f"mask/{demos}" not in f:
-            raise KeyError(f"{f.filename} has no mask/{demos}; available: {list(f.get('mask', {}).keys())}")
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in f[f"mask/{demos}"][:]]
-    missing = [n for n in demos if n not in f["data"]]
-    if missing:
-        raise KeyError(f"{f.filename} has no demos {missing}")
-    return list(demos)
+from divla_eval.data.demos import demo_names, open_demos, read_demo, read_env_args
 
 
 class DemoDataset(Dataset):
@@ -80,27 +67,25 @@ class DemoDataset(Dataset):
         self._where: dict[str, tuple[int, str]] = {}  # demo -> (file index, name in that file)
         self.actions, self.proprio, self.reasoning, self.instructions = {}, {}, {}, {}
         for k, file_path in enumerate(self.paths):
-            with h5py.File(file_path, "r") as f:
-                env_args = json.loads(f["data"].attrs["env_args"])
+            # read and checked by divla_eval.data.demos: a damaged file or demo is one line here
+            with open_demos(file_path) as f:
+                env_args = read_env_args(f, file_path)
                 if k == 0:
                     self.env_args = env_args
                 else:
                     self._check_compatible(file_path, env_args)
-                names = _demo_names(f, demos if isinstance(demos, str) or demos is None else None)
+                names = demo_names(f, file_path, demos if isinstance(demos, str) else None)
                 if isinstance(demos, list):
                     names = [n for n in names if self._key(k, n) in demos]
                 for name in names:
-                    g = f["data"][name]
-                    for cam in self.cameras:
-                        if f"obs/{cam}_image" not in g:
-                            raise KeyError(f"{file_path}: {name} has no obs/{cam}_image")
+                    demo = read_demo(f, file_path, name, env_args, self.cameras)
                     key = self._key(k, name)
                     self.demos.append(key)
                     self._where[key] = (k, name)
-                    self.actions[key] = g["actions"][:].astype(np.float32)
-                    self.proprio[key] = g["obs/proprio"][:].astype(np.float32)
-                    self.reasoning[key] = list(g["reasoning"].asstr()[:])
-                    self.instructions[key] = str(g.attrs["instruction"])
+                    self.actions[key] = demo["actions"]
+                    self.proprio[key] = demo["proprio"]
+                    self.reasoning[key] = demo["reasoning"]
+                    self.instructions[key] = demo["instruction"]
         if isinstance(demos, list):
             missing = sorted(set(demos) - set(self.demos))
             if missing:

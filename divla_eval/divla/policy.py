@@ -19,13 +19,13 @@ from divla_eval.checkpoint import (  # shared by every learned policy
     CheckpointError,
     check_files,
     check_inference_options,
-    check_policy_of,
     check_proprio,
     checkpoint_hash,
     load_weights,
     read_config,
     save_weights,
 )
+from divla_eval.divla.config import DiVLAConfig
 from divla_eval.errors import DivlaEvalError
 from divla_eval.policy import ActionChunk, Observation, PolicyMetadata, use_torch_thread_share
 
@@ -36,8 +36,7 @@ def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_di
     """Validate a checkpoint directory without loading torch; returns its config dict."""
     path = Path(path)
     check_files(path, REQUIRED_FILES, "DiVLA")
-    cfg = read_config(path)
-    check_policy_of(path, cfg, "divla")
+    cfg = read_config(path, DiVLAConfig, "divla")  # every field checked against DiVLAConfig
     heads = cfg.get("embodiments", {})
     if embodiment is not None:
         if embodiment not in heads:
@@ -236,8 +235,6 @@ def save_model(model, path: str | Path, half: bool = False, meta: dict | None = 
 
 
 def _load_config(path: Path):
-    from divla_eval.divla.config import DiVLAConfig
-
     cfg = DiVLAConfig.load(path / "config.json")
     # the HF configs inside rebuild the architecture; the weights come from model.safetensors
     cfg.vision_pretrained = cfg.vlm_pretrained = None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from divla_eval.config_io import build as build_config
 from divla_eval.divla.config import DiVLAConfig
 from divla_eval.errors import DivlaEvalError
 from divla_eval.train import Recipe, check_options, random_shift
@@ -16,8 +17,8 @@ def config_from_options(options: dict) -> DiVLAConfig:
     for name in ("vision_pretrained", "vlm_pretrained"):  # offline: a local checkpoint directory only
         if options.get(name) is not None and not Path(options[name]).is_dir():
             raise DivlaEvalError(f"{name}: {options[name]} is not a directory (a local HF checkpoint)")
-    try:
-        return DiVLAConfig(**options)
+    try:  # a zero divisor or a wrong nesting in the options is a ValueError too
+        return build_config(DiVLAConfig, options)
     except ValueError as exc:
         raise DivlaEvalError(f"invalid DiVLA options: {exc}") from exc
 
