@@ -71,7 +71,8 @@ def evaluate(
     `checkpoint` and `policy_options` are for names only: an object comes already built.
     With `workers` > 1 an object is pickled (cloudpickle) and each worker process gets its own copy;
     a script must then start the run under `if __name__ == "__main__":`, which is checked before any
-    worker starts. `split`: None takes "unseen" where the task has it, else its first split.
+    worker starts. `split`: None takes the task's `default_split` ("unseen" where the task has it,
+    else its first split).
     `difficulty`: None takes the task's first. `perturbations`: ("lighting", 3) pairs or "lighting:3".
     `device`: where a learned policy runs (auto: CUDA when present); see `divla_eval.device`.
     `out`: None writes into a new temporary directory, which is kept (`result.run_dir`); an existing
@@ -105,7 +106,7 @@ def evaluate(
     task_options = parse_task_options(task, dict(task_options or {}))
     spec = get_task(task, **task_options)
     if split is None:
-        split = "unseen" if "unseen" in spec.splits else spec.splits[0]
+        split = spec.default_split
     options: dict = {}
     if policy_options:
         if obj is not None:

@@ -58,20 +58,67 @@ def _perturbation(text: str) -> tuple[str, int]:
 
 
 def _option(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _value(text: str):
-    """A config value from the command line: JSON when it parses (3, 0.5, false, [36, 16]), else text."""
-    import json
+    """KEY=VALUE, kept as text: the value is converted to the declared type of the option it sets
+    (`divla_eval.options`) once the command knows its task, policy or model."""
+    from divla_eval.options import split_option
 
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+        return split_option(text)
+    except DivlaEvalError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _DeprecatedAlias(argparse._AppendAction):
+    """An old flag spelling kept working (hidden from --help): appends to the new flag's list and says
+    once on stderr which flag replaces it."""
+
+    def __init__(self, *args, replacement: str, **kwargs):
+        self.replacement = replacement
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warned = namespace.__dict__.setdefault("_deprecated_warned", set())
+        if option_string not in warned:
+            warned.add(option_string)
+            print(
+                f"divla-eval: warning: {option_string} is deprecated; use {self.replacement}",
+                file=sys.stderr,
+            )
+        super().__call__(parser, namespace, values, option_string)
+
+
+_PERTURB_HELP = (
+    "perturbation to apply, at severity LEVEL (default 1); repeat it to combine several "
+    "(see `divla-eval list perturbations`)"
+)
+
+
+def _add_key_value_option(
+    parser: argparse.ArgumentParser, flag: str, help: str, deprecated: str | None = None
+) -> None:
+    """A repeatable `flag KEY=VALUE` (`--task-option`, `--policy-option`, `--model-option`), and the
+    old spelling `deprecated` as a hidden alias of it."""
+    dest = flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, type=_option, action="append", default=[], metavar="KEY=VALUE", help=help)
+    if deprecated is not None:
+        parser.add_argument(
+            deprecated,
+            type=_option,
+            action=_DeprecatedAlias,
+            dest=dest,
+            replacement=flag,
+            metavar="KEY=VALUE",
+            help=argparse.SUPPRESS,
+        )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("divla-eval")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -88,52 +135,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="divla-eval", description="Simulation benchmark for vision-language-action policies."
     )
+    parser.add_argument(
+        "--version", action="version", version=f"divla-eval {_version()}", help="print the version and exit"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="evaluate a policy on a task")
     run.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
     run.add_argument(
-        "--objects", "--split", dest="split", default="unseen", help="object split, e.g. seen|unseen"
+        "--objects",
+        "--split",
+        dest="split",
+        default=None,
+        help="split, e.g. seen|unseen (default: the task's own: unseen for bin_picking and sorting, seen "
+        "for bussing, novel for novel_instruction; for multitask every sub-task in turn, one run "
+        "directory each: name one, e.g. --split flip_pot, to run only that)",
     )
     run.add_argument(
         "--policy",
         default=None,
         help="registered policy (`divla-eval list policies`, plugins included) or package.module:factory "
-        "(default: the task's shipped DiVLA checkpoint, else scripted)",
+        "(default: divla with the shipped checkpoint checkpoints/divla-TASK when the task has one, "
+        "else the scripted expert; a note on stderr says which)",
     )
-    run.add_argument("--difficulty", default=None, help="task difficulty, e.g. easy|hard for sorting")
+    run.add_argument(
+        "--difficulty",
+        default=None,
+        help="task difficulty, e.g. easy|hard for sorting (default: the task's first, e.g. easy)",
+    )
     run.add_argument(
         "--checkpoint", type=_dir_text, default=None, help="checkpoint directory for a learned policy"
     )
     run.add_argument("--episodes", type=_positive_int, default=None, help="episodes (default: task's own)")
     run.add_argument("--seed", type=int, default=0, help="run seed; every episode's seeds derive from it")
-    run.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
+    run.add_argument(
+        "--perturb",
+        type=_perturbation,
+        action="append",
+        default=[],
+        metavar="NAME[:LEVEL]",
+        help=_PERTURB_HELP,
+    )
     run.add_argument(
         "--matched-control",
         action="store_true",
         help="also run every episode without perturbations, so the report shows the drop",
     )
-    run.add_argument(
-        "--option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="task option, e.g. variant=named or num_objects=1 for bin_picking",
+    _add_key_value_option(
+        run,
+        "--task-option",
+        "task option, e.g. variant=named or num_objects=1 for bin_picking (repeat it; an unknown name "
+        "lists the task's)",
+        deprecated="--option",
     )
-    run.add_argument(
+    _add_key_value_option(
+        run,
         "--policy-option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=(
-            "inference option of a learned policy, e.g. inference_steps=5, execute_steps=4, "
-            "reasoning_every=4 (divla); an unknown name lists the policy's"
-        ),
+        "inference option of a learned policy, e.g. inference_steps=5, execute_steps=4, "
+        "reasoning_every=4 (divla); an unknown name lists the policy's",
     )
     run.add_argument(
-        "--out", type=_path, default=None, help="run directory (default: runs/<task>-<split>-...)"
+        "--out",
+        type=_path,
+        default=None,
+        help="run directory (default: runs/TASK-[DIFFICULTY-]SPLIT-POLICY[-CHECKPOINT DIR NAME][-OPTIONS]-"
+        "seedN; for several splits, OUT/SPLIT each)",
     )
     run.add_argument("--video", action="store_true", help="write an mp4 of the front camera per episode")
     run.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
@@ -150,11 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     lst = sub.add_parser("list", help="list registered tasks, policies, perturbations or objects")
-    lst.add_argument("kind", choices=LIST_KINDS)
+    lst.add_argument("kind", choices=LIST_KINDS, help="what to list: " + ", ".join(LIST_KINDS))
     lst.add_argument("--objects", "--split", dest="split", default=None, help="object split (for `objects`)")
 
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
-    rep.add_argument("run_dir", type=_path)
+    rep.add_argument("run_dir", type=_path, help="a run directory (holds manifest.json and episodes.jsonl)")
 
     summ = sub.add_parser("summary", help="one success grid over every run directory under a folder")
     summ.add_argument("root", type=_path, help="folder holding run directories (searched recursively)")
@@ -170,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     cmp_ = sub.add_parser("compare", help="two runs on the same episodes: paired rates and McNemar p")
-    cmp_.add_argument("run_a", type=_path)
-    cmp_.add_argument("run_b", type=_path)
+    cmp_.add_argument("run_a", type=_path, help="the first run directory")
+    cmp_.add_argument("run_b", type=_path, help="the second run directory (the same task, split and seed)")
 
     col = sub.add_parser("collect", help="record scripted-expert demonstrations to robomimic-style HDF5")
     col.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
@@ -179,9 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--objects", "--split", dest="split", default="seen", help="object split (default: seen)"
     )
     col.add_argument("--difficulty", default=None, help="task difficulty, e.g. easy|hard for sorting")
-    col.add_argument("--perturb", type=_perturbation, action="append", default=[], metavar="NAME[:LEVEL]")
     col.add_argument(
-        "--option", type=_option, action="append", default=[], metavar="KEY=VALUE", help="task option"
+        "--perturb",
+        type=_perturbation,
+        action="append",
+        default=[],
+        metavar="NAME[:LEVEL]",
+        help=_PERTURB_HELP,
+    )
+    _add_key_value_option(
+        col, "--task-option", "task option, as for `run` (repeat it)", deprecated="--option"
     )
     col.add_argument("--episodes", type=_positive_int, required=True, help="episodes to attempt")
     col.add_argument("--out", type=_path, required=True, help="output .hdf5 file (rerun to resume)")
@@ -211,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="samples per (micro-)batch, shared among the processes of `accelerate launch`",
     )
-    tr.add_argument("--lr", type=float, default=3e-4)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, after warm-up (default 3e-4)")
+    tr.add_argument(
+        "--seed", type=int, default=0, help="training seed: weights, batches and noise derive from it"
+    )
     tr.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
     tr.add_argument(
         "--schedule",
@@ -239,13 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="micro-batches of --batch-size summed into each optimiser step (a larger effective batch)",
     )
     _add_device_argument(tr)
-    tr.add_argument(
-        "--option",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="policy config override, e.g. reasoning_injection=false or alpha=1",
+    _add_key_value_option(
+        tr,
+        "--model-option",
+        "model config override (a field of the policy's config, e.g. divla_eval/divla/config.py), "
+        "e.g. reasoning_injection=false or alpha=1 (repeat it; an unknown name lists the model's)",
+        deprecated="--option",
     )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -355,7 +429,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _checkpoint_tag(checkpoint: str) -> str:
+    """A checkpoint's part of a default run directory's name: its directory's name (`runs/train/mine`
+    -> `mine`), so that evaluating another checkpoint is another run, not a refused resume."""
+    import os
+
+    return Path(os.path.abspath(checkpoint)).name or "root"
+
+
+def _default_run_dir(cfg, task) -> Path:
+    """runs/TASK-[DIFFICULTY-]SPLIT-POLICY[-CHECKPOINT][-OPTIONS]-seedN: what makes it another run is
+    in the name (other inference options, another checkpoint, another difficulty)."""
+    parts = [cfg.task]
+    if task.difficulties != (None,):
+        parts.append(str(cfg.difficulty))
+    parts += [cfg.split, cfg.policy]
+    if cfg.checkpoint is not None:
+        parts.append(_checkpoint_tag(cfg.checkpoint))
+    options = "".join(f"-{k}{v}" for k, v in sorted(cfg.policy_options.items()))
+    name = "-".join(parts) + f"{options}-seed{cfg.seed}"
+    # a URL (remote) or module:factory name must not nest directories or need quoting
+    return Path("runs") / re.sub(r"[^A-Za-z0-9._=+-]+", "_", name)
+
+
 def _cmd_run(args) -> int:
+    import dataclasses
+
     from divla_eval.metrics import wilson_interval
     from divla_eval.policy import default_policy, parse_policy_options
     from divla_eval.records import policy_label
@@ -370,58 +469,72 @@ def _cmd_run(args) -> int:
         # `--policy mypkg.policies:MyPolicy` finds mypkg in the current directory, as `python -m` would
         # (a console script's path lacks it); appended, so it shadows nothing installed
         sys.path.append(str(Path.cwd()))
-    cfg = RunConfig(
+    task = get_task(args.task)
+    splits = [args.split] if args.split is not None else list(task.default_splits)
+    base = RunConfig(
         task=args.task,
-        split=args.split,
+        split=splits[0],
         policy=args.policy,
-        difficulty=args.difficulty if args.difficulty is not None else get_task(args.task).difficulties[0],
+        difficulty=args.difficulty if args.difficulty is not None else task.difficulties[0],
         episodes=args.episodes,
         seed=args.seed,
         perturbations=tuple(args.perturb),
         checkpoint=args.checkpoint,
         image_size=args.image_size,
         max_steps=args.max_steps,
-        task_options=parse_task_options(args.task, dict(args.option)),
+        task_options=parse_task_options(args.task, dict(args.task_option)),
         matched_control=args.matched_control,
         policy_options=parse_policy_options(args.policy, dict(args.policy_option)),
     )
-    validate(cfg)
+    # several splits (multitask's sub-tasks): one run each, every one checked before the first starts
+    cfgs = [dataclasses.replace(base, split=split) for split in splits]
+    for cfg in cfgs:
+        validate(cfg)
     from divla_eval.device import resolve_device
 
     device = resolve_device(args.device)
     if note:
         print(note, file=sys.stderr)
-    # other inference options are another run: the default directory is named after them
-    options = "".join(f"-{k}{v}" for k, v in sorted(cfg.policy_options.items()))
-    # a URL (remote) or module:factory name must not nest directories or need quoting
-    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", f"{cfg.task}-{cfg.split}-{cfg.policy}{options}-seed{cfg.seed}")
-    out = args.out or Path("runs") / name
-    try:
-        summary = run(
-            cfg,
-            out,
-            progress=not args.no_progress,
-            video=args.video,
-            workers=args.workers,
-            threads=args.threads,
-            device=device,
-        )
-    except KeyboardInterrupt:
+    if len(cfgs) > 1:
         print(
-            f"\ninterrupted: finished episodes are saved in {out}; rerun the same command to resume",
+            f"note: {args.task} without --split runs each of its splits in turn ({', '.join(splits)}), one "
+            "run directory each; --split NAME runs one",
             file=sys.stderr,
         )
-        return 130
-    n = len(summary.records)
-    k = sum(r.success for r in summary.records)
-    lo, hi = wilson_interval(k, n)
-    print(
-        f"{cfg.task} [{cfg.split}] policy={policy_label(cfg.policy, cfg.policy_options)}: "
-        f"success {k}/{n} = {k / n:.1%} "
-        f"(95% CI {lo:.1%}-{hi:.1%}); ran {summary.ran}, resumed past {summary.skipped}, "
-        f"errors {summary.errors}"
-    )
-    print(f"results: {out / 'episodes.jsonl'}  (report: divla-eval report {out})")
+    for cfg in cfgs:
+        if args.out is None:
+            out = _default_run_dir(cfg, task)
+        else:
+            out = args.out / cfg.split if len(cfgs) > 1 else args.out
+        try:
+            summary = run(
+                cfg,
+                out,
+                progress=not args.no_progress,
+                video=args.video,
+                workers=args.workers,
+                threads=args.threads,
+                device=device,
+            )
+        except KeyboardInterrupt:
+            print(
+                f"\ninterrupted: finished episodes are saved in {out}; rerun the same command to resume",
+                file=sys.stderr,
+            )
+            return 130
+        n = len(summary.records)
+        k = sum(r.success for r in summary.records)
+        lo, hi = wilson_interval(k, n)
+        cell = cfg.split if task.difficulties == (None,) else f"{cfg.difficulty}, {cfg.split}"
+        print(
+            f"{cfg.task} [{cell}] policy={policy_label(cfg.policy, cfg.policy_options)}: "
+            f"success {k}/{n} = {k / n:.1%} "
+            f"(95% CI {lo:.1%}-{hi:.1%}); ran {summary.ran}, resumed past {summary.skipped}, "
+            f"errors {summary.errors}"
+        )
+        print(f"results: {out / 'episodes.jsonl'}  (report: divla-eval report {out})")
+    if len(cfgs) > 1 and args.out is not None:
+        print(f"all {len(cfgs)} splits in one grid: divla-eval summary {args.out}")
     return 0
 
 
@@ -493,7 +606,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from divla_eval.train import TrainConfig, check_demos_task, is_loss, train
+    from divla_eval.train import TrainConfig, check_demos_task, is_loss, parse_model_options, train
 
     cfg = TrainConfig(
         policy=args.policy,
@@ -510,7 +623,7 @@ def _cmd_train(args) -> int:
         threads=args.threads,
         grad_accum=args.grad_accum,
         device=args.device,
-        options={k: _value(v) for k, v in args.option},
+        options=parse_model_options(args.policy, dict(args.model_option)),
     )
     if args.task is not None:
         for path in cfg.demos:
@@ -527,7 +640,9 @@ def _cmd_train(args) -> int:
         return 0
     losses = ", ".join(f"{k} {v:.4f}" for k, v in s["final"].items() if is_loss(k))
     print(f"trained {cfg.policy} for {s['steps']} steps ({s['seconds']:.0f} s this session): {losses}")
-    print(f"checkpoint: {s['out']}  (evaluate: divla-eval run --policy {cfg.policy} --checkpoint {s['out']})")
+    task = f" --task {args.task}" if args.task is not None else ""
+    evaluate = f"divla-eval run{task} --policy {cfg.policy} --checkpoint {s['out']}"
+    print(f"checkpoint: {s['out']}  (evaluate: {evaluate})")
     return 0
 
 
@@ -569,23 +684,32 @@ def _cmd_serve(args) -> int:
     import logging
     import os
 
-    from divla_eval.policy import POLICIES, TORCH_THREADS_ENV, make_policy, parse_policy_options
+    from divla_eval.policy import (
+        POLICIES,
+        TORCH_THREADS_ENV,
+        ChecksCheckpoint,
+        LoadsCheckpoint,
+        PrivilegedPolicy,
+        make_policy,
+        parse_policy_options,
+        requires_checkpoint,
+    )
     from divla_eval.remote.client import API_KEY_ENV
     from divla_eval.remote.server import PolicyServer
 
     POLICIES.check_name(args.policy)
     factory = POLICIES.get(args.policy)
-    if getattr(factory, "metadata", None) is not None and factory.metadata.privileged:
+    if isinstance(factory, PrivilegedPolicy):  # its class binds to the simulator
         raise DivlaEvalError(
             f"policy {args.policy!r} cannot be served: the scripted expert reads the simulator's state, "
             "which a client does not send; serve a learned policy or random"
         )
     if args.policy == "remote":
         raise DivlaEvalError("policy 'remote' is a client; serve the policy itself where it runs")
-    if args.checkpoint is None and getattr(factory, "requires_checkpoint", False):
+    if args.checkpoint is None and requires_checkpoint(factory):
         raise DivlaEvalError(f"policy {args.policy!r} needs --checkpoint DIR")
     if args.checkpoint is not None:
-        if not hasattr(factory, "from_pretrained"):
+        if not isinstance(factory, LoadsCheckpoint):
             raise DivlaEvalError(
                 f"policy {args.policy!r} takes no checkpoint (got --checkpoint {args.checkpoint})"
             )
@@ -593,9 +717,8 @@ def _cmd_serve(args) -> int:
         from divla_eval.safe_io import require_dir
 
         require_dir(Path(args.checkpoint), "checkpoint directory")  # a file is not "missing"
-        check = getattr(factory, "check_checkpoint", None)
-        if check is not None:
-            check(args.checkpoint)
+        if isinstance(factory, ChecksCheckpoint):
+            factory.check_checkpoint(args.checkpoint)
             check_weights_file(Path(args.checkpoint) / "model.safetensors")
     if not 0 <= args.port <= 65535:
         raise DivlaEvalError(f"--port must be in 0..65535, got {args.port}")
@@ -649,7 +772,7 @@ def _cmd_collect(args) -> int:
         perturbations=tuple(args.perturb),
         image_size=args.image_size,
         max_steps=args.max_steps,
-        task_options=parse_task_options(args.task, dict(args.option)),
+        task_options=parse_task_options(args.task, dict(args.task_option)),
     )
     try:
         s = collect(cfg, args.out, progress=not args.no_progress, workers=args.workers)
@@ -680,7 +803,7 @@ def _cmd_bench(args) -> int:
 
     from tqdm import tqdm
 
-    from divla_eval.policy import POLICIES
+    from divla_eval.policy import POLICIES, PrivilegedPolicy
     from divla_eval.tasks import TASKS
 
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
@@ -728,7 +851,7 @@ def _cmd_bench(args) -> int:
         write_profile,
     )
 
-    model_raw = {k: _value(v) for k, v in args.model_option}
+    model_raw = dict(args.model_option)
     if model_raw and checkpoints:
         raise DivlaEvalError("--model-option builds untrained models of that size; it excludes --checkpoint")
     model_options = {name: {} for name in names}
@@ -743,7 +866,14 @@ def _cmd_bench(args) -> int:
                     f"--model-option {key}: no policy in --policies {args.policies} takes it; "
                     f"valid: {', '.join(valid) if valid else 'none (no policy here has a model to size)'}"
                 )
-        model_options = {n: {k: v for k, v in model_raw.items() if k in takes[n]} for n in names}
+        from divla_eval.train import parse_model_options
+
+        model_options = {  # each policy gets the fields it has, typed by its own config
+            n: parse_model_options(n, {k: v for k, v in model_raw.items() if k in takes[n]})
+            if takes[n]
+            else {}
+            for n in names
+        }
     for name in names:  # checkpoint directories too, before the first model is built
         check_policy(name, args.task, checkpoints.get(name), options[name])
     from divla_eval.device import describe_device, resolve_device
@@ -777,7 +907,7 @@ def _cmd_bench(args) -> int:
     try:
         for name, policy, label in tqdm(built, desc="time", disable=not progress):
             obs = scene.get(policy.metadata.cameras, image_size_of(policy, args.image_size))
-            if policy.metadata.privileged:  # the expert reads the scene's simulator, as in the runner
+            if isinstance(policy, PrivilegedPolicy):  # the expert reads the scene's simulator, as in runs
                 policy.bind(scene.env.sim, scene.env.episode)
             timed = time_variants(
                 policy,

@@ -2,8 +2,10 @@
 
 One implementation for DiVLA and every baseline, so an unknown key, a value of the wrong type and a
 corrupt file read the same way whichever model it is: the subclass only names itself in `label`.
-The same type check serves `divla-eval train --option KEY=VALUE` (`check_values`), so a value the
-command line refuses is refused in a config.json too, and the other way round.
+The same type check serves model options given from Python (`train(TrainConfig(options=...))`) and,
+after the command line's typed parser (`divla_eval.options`) has converted them, `divla-eval train
+--model-option KEY=VALUE` (`check_values`), so a value the command line refuses is refused in a
+config.json too, and the other way round.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from divla_eval.errors import ConfigMismatchError, CorruptFileError, DivlaEvalError, InvalidValueError
+from divla_eval.errors import ConfigMismatchError, CorruptFileError, InvalidValueError
+from divla_eval.options import bad_value, unknown_option
 from divla_eval.schema import describe, field_types, mismatch, parse_json, problem, short
 
 
@@ -22,8 +25,8 @@ def check_values(cls: type, values: dict, label: str, source: str = "option") ->
     """Refuse values for the config dataclass `cls` that name no field or have the wrong type, judged
     by each field's annotation (nested too: `embodiments: {"panda": [7, 11]}`).
 
-    `source` "option": command-line overrides (`--option`), refused with DivlaEvalError in the
-    wording the train command has always used; "config": a config.json's contents, refused with
+    `source` "option": overrides (`--model-option`), refused with DivlaEvalError in the wording every
+    kind of option shares (`divla_eval.options`); "config": a config.json's contents, refused with
     ConfigMismatchError (an unknown key: another model's or a newer version's config) or
     InvalidValueError (a value of the wrong type), which the readers prefix with the file."""
     if not isinstance(values, dict):
@@ -32,7 +35,7 @@ def check_values(cls: type, values: dict, label: str, source: str = "option") ->
     unknown = sorted(set(values) - set(fields))
     if unknown:
         if source == "option":
-            raise DivlaEvalError(f"unknown {label} option(s) {unknown}; valid: {', '.join(sorted(fields))}")
+            raise unknown_option(label, unknown[0], fields)
         raise ConfigMismatchError(f"unknown {label} config keys {unknown}; valid: {sorted(fields)}")
     for name, value in values.items():
         bad = mismatch(value, fields[name], name)
@@ -45,10 +48,10 @@ def check_values(cls: type, values: dict, label: str, source: str = "option") ->
             # so here rather than let one reach a square root or a modulo in the model's code
             bad = (negative[0], "a number >= 0", negative[1])
             if source == "option":
-                raise DivlaEvalError(f"{label} option {name}={value!r}: expected numbers >= 0")
+                raise bad_value(label, name, value, "numbers >= 0")
             raise InvalidValueError(problem(*bad))
         if source == "option":
-            raise DivlaEvalError(f"{label} option {name}={value!r}: expected {describe(fields[name])}")
+            raise bad_value(label, name, value, describe(fields[name]))
         raise InvalidValueError(problem(*bad))
 
 

@@ -66,10 +66,13 @@ class PolicyMetadata:
 @runtime_checkable
 class Policy(Protocol):
     """A registered policy factory is called as `factory(action_dim=...)` (or
-    `from_pretrained(dir, **options)`). A learned policy's class declares the inference options its
-    `from_pretrained` takes (`divla-eval run --policy-option KEY=VALUE`) as `INFERENCE_OPTIONS`, a
-    dict of option name -> type; a factory without one takes none. A factory without `from_pretrained`
-    that declares options gets them as keywords: `factory(action_dim=..., **options)`.
+    `from_pretrained(dir, **options)`: `LoadsCheckpoint`; or `from_options(**options)`:
+    `BuiltFromOptions`). A factory declares the inference options it takes (`divla-eval run
+    --policy-option KEY=VALUE`) as `INFERENCE_OPTIONS` (`Configurable`), a dict of option name -> type;
+    a factory without one takes none. A factory that loads no checkpoint gets its options as keywords:
+    `factory(action_dim=..., **options)`. The learned policies share one base for all of this,
+    `divla_eval.learned.LearnedPolicy`; what else a policy can do is a protocol below (`HistoryPolicy`,
+    `PrivilegedPolicy`, ...).
 
     Factories from other packages are called the same way: `--policy package.module:factory`, or a
     name that an installed distribution declares in the `divla_eval.policies` entry-point group."""
@@ -80,8 +83,113 @@ class Policy(Protocol):
 
     def infer(self, obs: Observation) -> ActionChunk: ...
 
-    # A policy with metadata.obs_horizon > 1 also has `observe(obs) -> None`: an observation between
-    # calls, to remember (no action is asked for).
+    # A policy with metadata.obs_horizon > 1 is also a `HistoryPolicy`: the runner hands it the
+    # observations between calls through `observe(obs)`.
+
+
+# --- optional abilities: each a small protocol that the runner, the server and the bench check by type
+# (`isinstance(policy, HistoryPolicy)`), never by probing for a member. The learned policies get theirs
+# from `divla_eval.learned.LearnedPolicy`; a plugin's policy needs only the methods, no base class.
+@runtime_checkable
+class PrivilegedPolicy(Protocol):
+    """Reads simulator state (the scripted expert): the runner binds it to the live episode at each
+    reset. The one declared exception to "a policy sees only observations"; its metadata must say
+    `privileged=True` (checked by `check_policy`), and it can never be served."""
+
+    def bind(self, env, episode) -> None: ...
+
+
+@runtime_checkable
+class HistoryPolicy(Protocol):
+    """Conditions on `metadata.obs_horizon` > 1 consecutive steps: between calls the runner hands it
+    the steps it needs through `observe`, and it keeps the history itself."""
+
+    def observe(self, obs: Observation) -> None: ...
+
+
+@runtime_checkable
+class BatchedPolicy(Protocol):
+    """Infers for several sessions of one model in one forward pass (the policy server's batching);
+    each session's actions must not depend on who it was batched with."""
+
+    @staticmethod
+    def infer_batch(policies: list, observations: list[Observation]) -> list[ActionChunk]: ...
+
+
+@runtime_checkable
+class TimedPolicy(Protocol):
+    """Names the settings `divla-eval bench` times it under: label -> attribute values (see
+    `divla_eval.timing.variants`)."""
+
+    timing_variants: dict[str, dict] | None
+
+
+@runtime_checkable
+class ForkablePolicy(Protocol):
+    """Makes its own per-session copy for the policy server (otherwise a deep copy that shares every
+    torch module is made: `divla_eval.remote.server.fork_policy`)."""
+
+    def fork(self): ...
+
+
+@runtime_checkable
+class ClosablePolicy(Protocol):
+    """Holds a resource to release when a worker is done (a remote policy's connection)."""
+
+    def close(self) -> None: ...
+
+
+# --- what a registered factory (usually the policy's class) can do beyond `factory(action_dim=...)` -----
+@runtime_checkable
+class Configurable(Protocol):
+    """Declares the inference options it takes (`--policy-option KEY=VALUE`): name -> type. A factory
+    without them takes none."""
+
+    INFERENCE_OPTIONS: dict[str, type]
+
+
+@runtime_checkable
+class LoadsCheckpoint(Protocol):
+    """Built from a checkpoint directory (`--checkpoint DIR`): `from_pretrained(path, **options)`."""
+
+    def from_pretrained(self, path, **options) -> Policy: ...
+
+
+@runtime_checkable
+class RequiresCheckpoint(LoadsCheckpoint, Protocol):
+    """A `LoadsCheckpoint` that says whether it can be built without one (`factory(action_dim=...)`):
+    `requires_checkpoint = True` for every `LearnedPolicy` (see `requires_checkpoint`)."""
+
+    requires_checkpoint: bool
+
+
+def requires_checkpoint(factory) -> bool:
+    """Whether a policy factory cannot be built without a checkpoint (a learned policy's class)."""
+    return isinstance(factory, RequiresCheckpoint) and bool(factory.requires_checkpoint)
+
+
+@runtime_checkable
+class ChecksCheckpoint(Protocol):
+    """Looks at a checkpoint directory cheaply (no torch, nothing built) before a run starts: its files
+    and the robot it was made for (returns its config dict), and the ranges of the inference options
+    against that config. Every `LearnedPolicy` is one."""
+
+    def check_checkpoint(self, path, embodiment: str | None = None, proprio_dim: int | None = None) -> dict:
+        """Returns the checkpoint's config dict."""
+
+    def check_inference_options(self, options: dict, config) -> None: ...
+
+
+@runtime_checkable
+class BuiltFromOptions(Protocol):
+    """Built from its options alone, with no checkpoint (remote: the server's URL): `check_options`
+    before anything connects, `describe` for the manifest's `policy_info`."""
+
+    def from_options(self, action_dim: int | None = None, **options) -> Policy: ...
+
+    def check_options(self, options: dict) -> None: ...
+
+    def describe(self, **options) -> dict: ...
 
 
 class RandomPolicy:
@@ -273,6 +381,15 @@ def check_policy(policy, source: str):
         problems.append("no metadata")
     elif not isinstance(metadata, PolicyMetadata):
         problems.append(f"its metadata is a {type(metadata).__name__}, not a PolicyMetadata")
+    else:  # an ability its metadata declares must be there, and simulator access must be declared
+        if metadata.obs_horizon > 1 and not isinstance(policy, HistoryPolicy):
+            problems.append(f"obs_horizon {metadata.obs_horizon} but no observe(observation)")
+        if metadata.privileged != isinstance(policy, PrivilegedPolicy):
+            problems.append(
+                "privileged but no bind(env, episode)"
+                if metadata.privileged
+                else "bind(env, episode) but its metadata does not declare privileged=True"
+            )
     if problems:
         raise DivlaEvalError(
             f"{source} is not a policy ({type(policy).__name__}: {', '.join(problems)}); {_PROTOCOL}"
@@ -314,47 +431,27 @@ def _takes_device(fn) -> bool:
 
 def inference_options(name: str) -> dict[str, type]:
     """The inference options a registered policy accepts (`--policy-option KEY=VALUE`): name -> type."""
-    return dict(getattr(policy_factory(name), "INFERENCE_OPTIONS", None) or {})
-
-
-_BOOL_TEXT = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    factory = policy_factory(name)
+    return dict(factory.INFERENCE_OPTIONS or {}) if isinstance(factory, Configurable) else {}
 
 
 def parse_policy_options(name: str, options: dict) -> dict:
     """Check option names against the policy's `INFERENCE_OPTIONS` and convert text values (from the
-    command line) to the declared type. Ranges are the checkpoint's business (see
+    command line) to the declared type, with the parser every kind of option shares
+    (`divla_eval.options`). Ranges are the checkpoint's business (see
     `divla_eval.checkpoint.check_inference_options`)."""
+    from divla_eval.options import parse_options
+
     valid = inference_options(name)
-    converted = {}
-    for key, value in options.items():
-        if key not in valid:
-            if not valid:
-                why = "it has no inference options"
-                if not hasattr(POLICIES.get(name), "from_pretrained"):
-                    why = "it loads no checkpoint and declares no INFERENCE_OPTIONS"
-                raise DivlaEvalError(
-                    f"policy {name!r} takes no --policy-option ({why}; valid: none); got {key}={value}"
-                )
-            raise DivlaEvalError(
-                f"unknown policy option {key!r} for {name}; valid: {', '.join(sorted(valid))}"
-            )
-        kind = valid[key]
-        if isinstance(value, str):
-            text = value.strip()
-            if kind is bool and text.lower() in _BOOL_TEXT:
-                converted[key] = _BOOL_TEXT[text.lower()]
-                continue
-            try:
-                if kind is not bool:
-                    converted[key] = kind(text)
-                    continue
-            except ValueError:
-                pass
-        elif isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
-            converted[key] = value
-            continue
-        raise DivlaEvalError(f"policy option {key}={value!r} for {name}: expected {kind.__name__}")
-    return converted
+    if options and not valid:
+        key, value = next(iter(options.items()))
+        why = "it has no inference options"
+        if not hasattr(POLICIES.get(name), "from_pretrained"):
+            why = "it loads no checkpoint and declares no INFERENCE_OPTIONS"
+        raise DivlaEvalError(
+            f"policy {name!r} takes no --policy-option ({why}; valid: none); got {key}={value}"
+        )
+    return parse_options(options, valid, kind="policy", owner=name)
 
 
 def make_policy(
@@ -373,11 +470,11 @@ def make_policy(
     options = parse_policy_options(name, options or {})
     built = f"what policy {name!r} built"
     if checkpoint is not None:
-        load = factory.from_pretrained
+        load = factory.from_pretrained  # a LoadsCheckpoint (runner.validate refuses a checkpoint otherwise)
         placed = {"device": device} if device is not None and _takes_device(load) else {}
         return check_policy(load(checkpoint, **options, **placed), built)
-    if hasattr(factory, "from_options"):  # built from its options alone (remote: the server's URL)
+    if isinstance(factory, BuiltFromOptions):  # remote: built from the server's URL
         return check_policy(factory.from_options(action_dim=action_dim, **options), built)
-    if options and hasattr(factory, "from_pretrained"):
+    if options and isinstance(factory, LoadsCheckpoint):
         raise DivlaEvalError(f"policy {name!r}: inference options need a --checkpoint to load; got {options}")
     return check_policy(factory(action_dim=action_dim, **options), built)

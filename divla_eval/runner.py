@@ -133,7 +133,15 @@ def validate(cfg: RunConfig, policy=None) -> None:
 
     `policy`: a policy object given instead of a name (`divla_eval.evaluate`); it is checked against
     the protocol, and `cfg.policy` is then only the name its records carry."""
-    from divla_eval.policy import check_policy, parse_policy_options, policy_factory
+    from divla_eval.policy import (
+        BuiltFromOptions,
+        ChecksCheckpoint,
+        LoadsCheckpoint,
+        check_policy,
+        parse_policy_options,
+        policy_factory,
+        requires_checkpoint,
+    )
     from divla_eval.tasks import get_task
 
     task = get_task(cfg.task, **cfg.task_options)
@@ -149,30 +157,29 @@ def validate(cfg: RunConfig, policy=None) -> None:
         return
     factory = policy_factory(cfg.policy)  # a built-in, a plugin or a module:factory path
     options = parse_policy_options(cfg.policy, cfg.policy_options)  # names and types
-    check = getattr(factory, "check_options", None)  # e.g. remote: a ws:// URL is given
-    if check is not None and cfg.checkpoint is None:
-        check(options)
-    if cfg.checkpoint is None and getattr(factory, "requires_checkpoint", False):
+    if isinstance(factory, BuiltFromOptions) and cfg.checkpoint is None:
+        factory.check_options(options)  # e.g. remote: a ws:// URL is given
+    if cfg.checkpoint is None and requires_checkpoint(factory):
         raise DivlaEvalError(
             f"policy {cfg.policy!r} needs --checkpoint DIR (train one with "
             f"`divla-eval train --policy {cfg.policy} --demos FILE.hdf5 --out DIR`)"
         )
     if cfg.checkpoint is not None:
-        if not hasattr(factory, "from_pretrained"):
+        if not isinstance(factory, LoadsCheckpoint):
             raise DivlaEvalError(
                 f"policy {cfg.policy!r} takes no checkpoint (got --checkpoint {cfg.checkpoint})"
             )
         from divla_eval.safe_io import require_dir
 
         require_dir(Path(cfg.checkpoint), "checkpoint directory")
-        check = getattr(factory, "check_checkpoint", None)
-        if check is not None:  # a cheap look (no torch) at the files and the robot they were made for
+        if isinstance(factory, ChecksCheckpoint):  # a cheap look (no torch) at the files and the robot
             from divla_eval.envs.gym_env import PROPRIO_DIM
 
-            config = check(cfg.checkpoint, task.embodiment, proprio_dim=PROPRIO_DIM * len(task.robots))
-            check_options = getattr(factory, "check_inference_options", None)
-            if options and check_options is not None:  # ranges, against the checkpoint's config
-                check_options(options, config)
+            config = factory.check_checkpoint(
+                cfg.checkpoint, task.embodiment, proprio_dim=PROPRIO_DIM * len(task.robots)
+            )
+            if options:  # ranges, against the checkpoint's config
+                factory.check_inference_options(options, config)
             check_image_size(cfg.checkpoint, config, cfg.image_size)
             check_weights_file(Path(cfg.checkpoint) / "model.safetensors")
 
@@ -255,16 +262,16 @@ def _latency_stats(latencies: list[float]) -> dict:
 
 def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
     """Run one episode; returns the outcome fields of its record (no I/O but the optional video)."""
-    from divla_eval.policy import Observation
+    from divla_eval.policy import HistoryPolicy, Observation, PrivilegedPolicy
 
     env.reset(options={"episode": spec})
     episode = env.episode
     policy.reset(episode.instruction, spec.seed("policy"))
-    if policy.metadata.privileged:
+    if isinstance(policy, PrivilegedPolicy):  # the scripted expert (`check_policy`: it says privileged)
         policy.bind(env.sim, episode)
     cams = policy.metadata.cameras
     k = max(1, policy.metadata.execute_steps)
-    history = max(1, policy.metadata.obs_horizon)
+    history = max(1, policy.metadata.obs_horizon) if isinstance(policy, HistoryPolicy) else 1
     # A learned policy's reasoning is scored against the scripted expert's phrase for the same state.
     # The expert runs in the shadow every step (its phase timers count steps), its actions discarded.
     shadow = policy.metadata.reasoning and not policy.metadata.privileged
@@ -419,14 +426,14 @@ def policy_info(cfg: RunConfig, policy=None) -> dict:
     """What the manifest says about the policy beyond its name and options: for a remote policy, the
     server's metadata, read once here (this also waits for a server that is still starting, and ends
     the run with one line when none answers). `policy`: a policy object (its metadata's `info`)."""
-    from divla_eval.policy import POLICIES, parse_policy_options
+    from divla_eval.policy import POLICIES, BuiltFromOptions, parse_policy_options
 
     if policy is not None:
         return dict(policy.metadata.info)
-    describe = getattr(POLICIES.get(cfg.policy), "describe", None)
-    if describe is None or cfg.checkpoint is not None:
+    factory = POLICIES.get(cfg.policy)
+    if not isinstance(factory, BuiltFromOptions) or cfg.checkpoint is not None:
         return {}
-    return describe(**parse_policy_options(cfg.policy, cfg.policy_options))
+    return factory.describe(**parse_policy_options(cfg.policy, cfg.policy_options))
 
 
 def _check_orphan_records(run_dir: Path) -> None:
@@ -640,10 +647,11 @@ class EpisodeWorker:
         return outcome
 
     def close(self) -> None:
+        from divla_eval.policy import ClosablePolicy
+
         self.env.close()
-        close = getattr(self.policy, "close", None)  # e.g. a remote policy's connection
-        if close is not None:
-            close()
+        if isinstance(self.policy, ClosablePolicy):  # e.g. a remote policy's connection
+            self.policy.close()
 
 
 def run(

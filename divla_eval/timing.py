@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from divla_eval.errors import DivlaEvalError
-from divla_eval.policy import Observation
+from divla_eval.policy import Observation, TimedPolicy
 
 UNTRAINED = "untrained default config"
 
@@ -153,7 +153,7 @@ def variants(policy, fixed=()) -> dict[str, dict]:
     attribute values), or one default variant. Keeping the list on the policy means the bench
     knows no policy by name. A variant that sets one of the `fixed` names (inference options the
     user gave with --policy-option) is left out: the user's value wins."""
-    found = dict(getattr(policy, "timing_variants", None) or {})
+    found = dict(policy.timing_variants or {}) if isinstance(policy, TimedPolicy) else {}
     found = {label: attrs for label, attrs in found.items() if not set(attrs) & set(fixed)}
     return found or {"default": {}}
 
@@ -348,6 +348,13 @@ def image_size_of(policy, default: int = 84) -> int:
 
 
 # --- building the policies ------------------------------------------------------------------------------
+def _needs_checkpoint(name: str) -> bool:
+    """Whether a registered policy needs a checkpoint: without one, the bench builds it untrained."""
+    from divla_eval.policy import POLICIES, requires_checkpoint
+
+    return requires_checkpoint(POLICIES.get(name))
+
+
 def shipped_checkpoint(name: str, task: str) -> Path | None:
     """checkpoints/<policy>-<task>/ when the repository ships one."""
     from divla_eval.policy import REFERENCE_DIR
@@ -378,7 +385,7 @@ def check_policy(
 
     POLICIES.check_name(name)
     checkpoint = checkpoint if checkpoint is not None else shipped_checkpoint(name, task)
-    if checkpoint is None and getattr(POLICIES.get(name), "requires_checkpoint", False):
+    if checkpoint is None and _needs_checkpoint(name):
         return None  # built untrained: nothing on disk to check
     task_obj = get_task(task)
     validate(
@@ -413,13 +420,13 @@ def build_policy(
     at a larger equal backbone than the shipped checkpoint's; every value is a training `--option`.
     `device`: a resolved torch device for learned policies (`make_policy`'s)."""
     from divla_eval.envs.gym_env import ACTION_DIM
-    from divla_eval.policy import POLICIES, make_policy
+    from divla_eval.policy import make_policy
     from divla_eval.tasks import get_task
 
     checkpoint = check_policy(name, task, checkpoint, options)
     action_dim = ACTION_DIM * len(get_task(task).robots)
     if model_options:
-        if not getattr(POLICIES.get(name), "requires_checkpoint", False):
+        if not _needs_checkpoint(name):
             raise DivlaEvalError(f"policy {name!r} has no model to size; --model-option does not apply")
         sizes = " ".join(f"{k}={v}" for k, v in model_options.items())
         untrained = _untrained(name, task, image_size, workdir, options, model_options, device)
@@ -427,7 +434,7 @@ def build_policy(
     if checkpoint is not None:
         policy = make_policy(name, checkpoint, action_dim=action_dim, options=options, device=device)
         return policy, _shown_path(checkpoint)
-    if not getattr(POLICIES.get(name), "requires_checkpoint", False):
+    if not _needs_checkpoint(name):
         policy = make_policy(name, None, action_dim=action_dim, options=options)
         server = policy.metadata.info.get("server")  # a remote policy: what the server says it runs
         if server:

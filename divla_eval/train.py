@@ -48,7 +48,7 @@ class Recipe:
     dataset_kwargs: Callable[..., dict]
     """dataset_kwargs(options) -> DemoDataset arguments (chunk, obs_horizon, cameras)."""
     config: type | None = None
-    """The model's config dataclass: its fields are the `--option` names the policy takes."""
+    """The model's config dataclass: its fields are the `--model-option` names the policy takes."""
 
     def option_names(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self.config)} if self.config else set()
@@ -73,8 +73,29 @@ RECIPES.register(
 )
 
 
+def model_option_types(policy: str) -> dict[str, Any]:
+    """The model config overrides a trainable policy takes (`--model-option KEY=VALUE`): the fields of
+    its config dataclass and their annotations (none for a recipe without one)."""
+    from divla_eval.schema import field_types
+
+    RECIPES.check_name(policy)
+    config = RECIPES.get(policy).config
+    return dict(field_types(config)) if config is not None else {}
+
+
+def parse_model_options(policy: str, options: dict) -> dict:
+    """`--model-option` overrides for `policy`'s config, names checked and text converted to each
+    field's declared type by the parser every kind of option shares (`divla_eval.options`); the
+    model's own checks (`check_options`, its config's `__post_init__`) follow when it is built."""
+    from divla_eval.options import parse_options
+
+    types = model_option_types(policy)
+    label = getattr(RECIPES.get(policy).config, "label", None) or policy
+    return parse_options(options, types, kind=label)
+
+
 def check_options(config_cls: type, options: dict, label: str) -> None:
-    """Refuse `--option` overrides that name no field of a policy's config dataclass or have the
+    """Refuse `--model-option` overrides that name no field of a policy's config dataclass or have the
     wrong type, in one line, before a model is built (a typo must not silently train the default).
     The check is the one a checkpoint's config.json gets (`config_io.check_values`)."""
     from divla_eval.config_io import check_values

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 demos=data/bin_picking-seen-300-v2.hdf5
 out=runs/train/divla-bp-v2-s8a1-noinj
 train_cmd=(.venv/bin/divla-eval train --policy divla --task bin_picking --demos "$demos" --out "$out"
-           --steps 7000 --threads 1 --option diffusion_samples=8 --option alpha=1.0
-           --option reasoning_injection=false)
+           --steps 7000 --threads 1 --model-option diffusion_samples=8 --model-option alpha=1.0
+           --model-option reasoning_injection=false)
 "${train_cmd[@]}"
 .venv/bin/python scripts/ship_checkpoint.py "$out" checkpoints/divla-bin_picking-noinj --command "${train_cmd[*]}"
 workers=${WORKERS:-2}

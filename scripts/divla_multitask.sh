@@ -17,10 +17,10 @@ cd "$(dirname "$0")/.."
 source scripts/lib/recipes.sh
 recipe multitask
 name=divla-multitask
-options=(--option diffusion_samples=8 --option alpha=1.0)
+options=(--model-option diffusion_samples=8 --model-option alpha=1.0)
 if [[ ${NOINJ:-0} == 1 ]]; then
   name=divla-multitask-noinj
-  options+=(--option reasoning_injection=false)
+  options+=(--model-option reasoning_injection=false)
 fi
 out=runs/train/$name
 stage=${1:-all}

@@ -10,7 +10,7 @@ demos=data/bin_picking-seen-300-v2.hdf5
 out=runs/train/divla-bp-v2-s8a1
 # alpha 1 (not the paper's 10) and 8 noise draws per observation: see README, "Train and evaluate DiVLA"
 train_cmd=(.venv/bin/divla-eval train --policy divla --task bin_picking --demos "$demos" --out "$out"
-           --steps 7000 --threads 1 --option diffusion_samples=8 --option alpha=1.0)
+           --steps 7000 --threads 1 --model-option diffusion_samples=8 --model-option alpha=1.0)
 .venv/bin/divla-eval collect --task bin_picking --objects seen --episodes 300 --out "$demos" --workers 2
 "${train_cmd[@]}"
 .venv/bin/python scripts/ship_checkpoint.py "$out" checkpoints/divla-bin_picking --command "${train_cmd[*]}"

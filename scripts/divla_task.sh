@@ -33,10 +33,10 @@ case "$task" in
 esac
 recipe "$task"
 name=divla-$task
-options=(--option diffusion_samples=8 --option alpha=1.0)
+options=(--model-option diffusion_samples=8 --model-option alpha=1.0)
 if [[ ${NOINJ:-0} == 1 ]]; then
   name=$name-noinj
-  options+=(--option reasoning_injection=false)
+  options+=(--model-option reasoning_injection=false)
 fi
 demos=()
 for f in "${demo_files[@]}"; do demos+=(--demos "$f"); done

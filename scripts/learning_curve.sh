@@ -19,7 +19,7 @@ source scripts/lib/recipes.sh
 policy=${1:?usage: scripts/learning_curve.sh divla|diffusion_policy|openvla|octo [demos|train|curve|ship|all]}
 stage=${2:-all}
 case "$policy" in
-  divla) options=(--option diffusion_samples=8 --option alpha=1.0) ;;  # as the 7k reference
+  divla) options=(--model-option diffusion_samples=8 --model-option alpha=1.0) ;;  # as the 7k reference
   diffusion_policy | openvla | octo) options=() ;;
   *) echo "POLICY must be one of divla, diffusion_policy, openvla, octo; got '$policy'" >&2; exit 2 ;;
 esac

@@ -40,11 +40,12 @@ def main() -> None:
     args = parser.parse_args()
     try:
         name = policy_of(args.src)
-        policy = POLICIES.get(name).from_pretrained(args.src)
+        factory = POLICIES.get(name)  # a LearnedPolicy: every policy with a checkpoint signature is one
+        policy = factory.from_pretrained(args.src)
     except CheckpointError as exc:  # bad input: one line and exit code 2, as everywhere in the project
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    meta_file = args.src / f"{name}_meta.json"
+    meta_file = args.src / factory.meta_file
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta.update(shipped_from=str(args.src), dtype="float16")
     if args.command:

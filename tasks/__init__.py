@@ -40,31 +40,25 @@ _FIXED_FIELDS = {"name", "version", "splits", "difficulties", "options", "robots
 
 
 def task_options(name: str) -> dict:
-    """The options a task accepts (`--option KEY=VALUE`), with their defaults."""
+    """The options a task accepts (`--task-option KEY=VALUE`), with their defaults."""
     cls = TASKS.get(name)
     return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in _FIXED_FIELDS}
 
 
-def parse_task_options(name: str, options: dict) -> dict:
-    """Check option names against the task's and convert string values to the default's type."""
-    from divla_eval.errors import DivlaEvalError
+def task_option_types(name: str) -> dict:
+    """The options a task accepts, with their declared types (the dataclass's annotations)."""
+    from divla_eval.schema import field_types
 
-    valid = task_options(name)
-    converted = {}
-    for key, value in options.items():
-        if key not in valid:
-            raise DivlaEvalError(f"unknown option {key!r} for task {name}; valid: {', '.join(sorted(valid))}")
-        kind = type(valid[key])
-        if isinstance(value, kind):
-            converted[key] = value
-            continue
-        try:
-            converted[key] = str(value).lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise DivlaEvalError(
-                f"option {key}={value!r} for task {name}: expected {kind.__name__}"
-            ) from None
-    return converted
+    types = field_types(TASKS.get(name))
+    return {key: types[key] for key in task_options(name)}
+
+
+def parse_task_options(name: str, options: dict) -> dict:
+    """Check option names against the task's and convert text values to the declared type (one typed
+    parser for every kind of option: `divla_eval.options`); ranges are the task's `check_options`."""
+    from divla_eval.options import parse_options
+
+    return parse_options(options, task_option_types(name), kind="task", owner=name)
 
 
 def get_task(name: str, **options):

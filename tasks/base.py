@@ -111,6 +111,18 @@ class Task(ABC):
         """How many episodes `divla-eval run` plans when --episodes is not given."""
         return 50
 
+    @property
+    def default_split(self) -> str:
+        """The split used when none is given (`evaluate()`, and `divla-eval run` for a task with one
+        default split): unseen where the task has it (the zero-shot test), else its first split."""
+        return "unseen" if "unseen" in self.splits else self.splits[0]
+
+    @property
+    def default_splits(self) -> tuple[str, ...]:
+        """The splits `divla-eval run` evaluates when --split is not given, one run directory each
+        (tasks whose splits are parts of one benchmark, like multitask's sub-tasks, name them all)."""
+        return (self.default_split,)
+
     def check_options(self) -> None:  # noqa: B027  (optional hook)
         """Raise DivlaEvalError for option values out of range (tasks override this)."""
 

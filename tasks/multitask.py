@@ -664,5 +664,11 @@ class MultiTask(Task):
         """The split's own budget, unless the user set `max_steps` (then that, for every split)."""
         return SUBTASK_MAX_STEPS[split] if self.max_steps == DEFAULT_MAX_STEPS else self.max_steps
 
+    @property
+    def default_splits(self) -> tuple[str, ...]:
+        """`divla-eval run --task multitask` without --split: every sub-task, one run each (the paper's
+        table is all five); `evaluate()` and `--split NAME` take one."""
+        return self.splits
+
     def episode(self, spec: EpisodeSpec) -> MultiTaskEpisode:
         return EPISODES[spec.split](spec)

@@ -36,7 +36,7 @@ def one_torch_thread(monkeypatch):
 
 
 def _train(demos, out, steps, *extra):
-    opts = [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
     argv = ["train", "--policy", "diffusion_policy", "--demos", str(demos), "--out", str(out)]
     argv += ["--steps", str(steps), "--batch-size", "4", "--no-progress", *opts, *extra]
     assert main(argv) == 0

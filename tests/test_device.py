@@ -100,7 +100,7 @@ def test_a_run_records_its_device_in_the_manifest_and_not_in_its_key(tmp_path):
 
 # --- training -----------------------------------------------------------------------------------------
 def _train(demos, out, steps, *extra):
-    opts = [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
     argv = ["train", "--demos", str(demos), "--out", str(out), "--steps", str(steps), "--batch-size", "2"]
     return main([*argv, "--checkpoint-every", "2", "--no-progress", "--threads", "1", *opts, *extra])
 

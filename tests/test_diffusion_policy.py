@@ -222,7 +222,7 @@ def test_observations_the_model_was_not_trained_on_are_refused():
 @pytest.mark.parametrize(
     "option, needle",
     [
-        ("bogus=1", "unknown Diffusion Policy option(s) ['bogus']"),
+        ("bogus=1", "unknown Diffusion Policy option 'bogus'; valid: "),
         ("chunk=abc", "chunk='abc': expected int"),
         ("image_size=84", "read from the demonstrations"),
         ("execute_steps=40", "execute_steps must be in 1..chunk"),
@@ -230,14 +230,14 @@ def test_observations_the_model_was_not_trained_on_are_refused():
 )
 def test_bad_training_options_are_one_line_errors(demos, tmp_path, capsys, option, needle):
     argv = ["train", "--policy", "diffusion_policy", "--demos", str(demos), "--out", str(tmp_path / "x")]
-    assert main([*argv, "--steps", "1", "--no-progress", "--option", option]) == 2
+    assert main([*argv, "--steps", "1", "--no-progress", "--model-option", option]) == 2
     err = capsys.readouterr().err
     assert err.startswith("divla-eval: error:") and needle in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_then_evaluate_from_the_command_line(demos, tmp_path):
     out = tmp_path / "dp"
-    opts = [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
     argv = ["train", "--policy", "diffusion_policy", "--task", "bin_picking", "--demos", str(demos)]
     assert main([*argv, "--out", str(out), "--steps", "3", "--batch-size", "4", "--no-progress", *opts]) == 0
     for name in ("config.json", "model.safetensors", "diffusion_policy_meta.json", "train_log.jsonl"):

@@ -556,7 +556,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path
     out = tmp_path / "out"
     argv = ["train", "--demos", demos, "--out", out, "--steps", 6, "--batch-size", 4, "--no-progress"]
     argv += ["--checkpoint-every", 2, "--threads", 1, "--ema-decay", 0, "--device", "cpu"]
-    argv += [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    argv += [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
     code, err = run_cli(argv, capsys)
     assert_one_line_naming(code, err, out / "checkpoint")
     assert "diverged at step 3" in err and "last good checkpoint (step 2)" in err

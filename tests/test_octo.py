@@ -230,7 +230,7 @@ def test_a_missing_text_encoder_is_a_clear_error(encoder, tmp_path, monkeypatch)
 
 def test_train_two_steps_then_evaluate_from_the_command_line(demos, tmp_path):
     out = tmp_path / "octo"
-    opts = [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
     argv = ["train", "--policy", "octo", "--task", "bin_picking", "--demos", str(demos), "--out", str(out)]
     assert main([*argv, "--steps", "2", "--batch-size", "4", "--no-progress", *opts]) == 0
     for name in ("config.json", "model.safetensors", "octo_meta.json", "train_log.jsonl"):

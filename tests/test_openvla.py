@@ -261,7 +261,7 @@ def test_a_pretrained_backbone_without_spare_rows_grows_its_vocabulary(tmp_path)
 
 def test_train_then_evaluate_from_the_command_line(demos, tmp_path):
     out = tmp_path / "openvla"
-    opts = [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
     argv = ["train", "--policy", "openvla", "--task", "bin_picking", "--demos", str(demos), "--out", str(out)]
     assert main([*argv, "--steps", "2", "--batch-size", "4", "--no-progress", *opts]) == 0
     for name in (
@@ -308,7 +308,7 @@ def test_bad_training_options_are_one_line_errors(demos, tmp_path, capsys):
         "--steps",
         "1",
     ]
-    assert main([*argv, "--no-progress", "--option", "action_dim=14"]) == 2
+    assert main([*argv, "--no-progress", "--model-option", "action_dim=14"]) == 2
     err = capsys.readouterr().err
     assert "read from the demonstrations" in err and len(err.strip().splitlines()) == 1
 

@@ -37,7 +37,7 @@ TINY = {
 
 
 def _train(demos, out, steps, *extra):
-    opts = [f"--option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
     argv = ["train", "--demos", str(demos), "--out", str(out), "--steps", str(steps), "--batch-size", "4"]
     return main([*argv, "--checkpoint-every", "3", "--no-progress", "--task", "bin_picking", *opts, *extra])
 
@@ -102,11 +102,11 @@ def test_train_checkpoints_resumes_and_evaluates(demos, tmp_path, capsys, monkey
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--option", "chunk=abc"], "chunk='abc': expected int"),
-        (["--option", "reasoning_injection=1"], "expected bool"),
-        (["--option", "view_tokens=[4]"], "one token count per camera"),
-        (["--option", "vlm_pretrained=/nonexistent"], "is not a directory"),
-        (["--option", "bogus=1"], "unknown DiVLA option"),
+        (["--model-option", "chunk=abc"], "chunk='abc': expected int"),
+        (["--model-option", "reasoning_injection=ture"], "expected bool"),
+        (["--model-option", "view_tokens=[4]"], "one token count per camera"),
+        (["--model-option", "vlm_pretrained=/nonexistent"], "is not a directory"),
+        (["--model-option", "bogus=1"], "unknown DiVLA option"),
     ],
 )
 def test_bad_training_options_are_one_line_errors(demos, tmp_path, capsys, extra, needle):

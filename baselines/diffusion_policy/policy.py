@@ -10,51 +10,14 @@ when a model is built, so the runner can validate a checkpoint directory cheaply
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from divla_eval.baselines.diffusion_policy.config import LABEL, DiffusionPolicyConfig
-from divla_eval.checkpoint import (
-    CheckpointError,
-    check_files,
-    check_inference_options,
-    check_proprio,
-    checkpoint_hash,
-    load_weights,
-    read_config,
-    save_weights,
-)
-from divla_eval.policy import (
-    ActionChunk,
-    Observation,
-    ObservationHistory,
-    PolicyMetadata,
-    use_torch_thread_share,
-)
-
-REQUIRED_FILES = ("config.json", "model.safetensors")
-META_FILE = "diffusion_policy_meta.json"
+from divla_eval.learned import LearnedPolicy
+from divla_eval.policy import ActionChunk, Observation, ObservationHistory, PolicyMetadata
 
 
-def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_dim: int | None = None) -> dict:
-    """Validate a checkpoint directory without loading torch (files, config, robot); returns its
-    config dict."""
-    path = Path(path)
-    check_files(path, REQUIRED_FILES, LABEL)
-    d = read_config(path, DiffusionPolicyConfig, "diffusion_policy")  # checked: from_dict cannot fail
-    cfg = DiffusionPolicyConfig.from_dict(d)
-    if embodiment is not None and embodiment != cfg.embodiment:
-        raise CheckpointError(
-            f"{path} was trained for {cfg.embodiment!r}, not for {embodiment!r}: train one on this robot's "
-            "demonstrations first"
-        )
-    check_proprio(path, cfg.proprio_dim, proprio_dim)
-    return d
-
-
-class DiffusionPolicy:
+class DiffusionPolicy(LearnedPolicy):
     """Registered as `diffusion_policy`; built from a checkpoint (`from_pretrained`).
 
     It keeps the last `obs_horizon` observations itself: the runner passes the steps between calls
@@ -62,13 +25,14 @@ class DiffusionPolicy:
     training samples repeat a demo's first frame.
     """
 
-    requires_checkpoint = True
-    check_checkpoint = staticmethod(check_checkpoint)  # what the runner's validation calls
+    name = "diffusion_policy"
+    config_class = DiffusionPolicyConfig
+    model_class = "divla_eval.baselines.diffusion_policy.model:DiffusionPolicyModel"
+    meta_file = "diffusion_policy_meta.json"
     INFERENCE_OPTIONS: dict[str, type] = {"inference_steps": int, "execute_steps": int}
     """What `divla-eval run --policy-option KEY=VALUE` may set (passed to `from_pretrained`): DDIM
     steps per call and actions run from each chunk (1..chunk), overriding the checkpoint config's
     values without changing the config."""
-    check_inference_options = staticmethod(check_inference_options)  # their ranges, against config.json
 
     def __init__(
         self,
@@ -80,17 +44,12 @@ class DiffusionPolicy:
     ):
         import torch
 
-        overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
-        check_inference_options({k: v for k, v in overrides.items() if v is not None}, model.cfg)
-        use_torch_thread_share()
-
-        self.model = model.to(device).eval()
-        self.device = device
+        super().__init__(model, device, inference_steps=inference_steps, execute_steps=execute_steps)
         cfg: DiffusionPolicyConfig = model.cfg
         self.inference_steps = cfg.inference_steps if inference_steps is None else inference_steps
         """DDIM steps per call (the checkpoint config's unless overridden)."""
         self.metadata = PolicyMetadata(
-            name="diffusion_policy",
+            name=self.name,
             cameras=cfg.cameras,
             execute_steps=cfg.execute_steps if execute_steps is None else execute_steps,
             checkpoint_hash=checkpoint_id,
@@ -148,43 +107,6 @@ class DiffusionPolicy:
         actions = first.model.act(images, proprio, noise=noise, inference_steps=first.inference_steps)
         return [ActionChunk(actions=a.cpu().numpy().astype(np.float64)) for a in actions]
 
-    # --- construction and files ---------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: str = "cpu",
-        inference_steps: int | None = None,
-        execute_steps: int | None = None,
-    ) -> DiffusionPolicy:
-        """Load a checkpoint directory; the keyword options are `INFERENCE_OPTIONS` (see the class)."""
-        from divla_eval.baselines.diffusion_policy.model import DiffusionPolicyModel
 
-        path = Path(path)
-        cfg = DiffusionPolicyConfig.from_dict(check_checkpoint(path))
-        overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
-        # before the weights are read: an out-of-range option costs nothing
-        check_inference_options({k: v for k, v in overrides.items() if v is not None}, cfg)
-        model = DiffusionPolicyModel(cfg)
-        load_weights(model, path)
-        return cls(
-            model,
-            checkpoint_id=checkpoint_hash(path),
-            device=device,
-            inference_steps=inference_steps,
-            execute_steps=execute_steps,
-        )
-
-    def save_pretrained(self, path: str | Path, half: bool = False, meta: dict | None = None) -> Path:
-        save_model(self.model, path, half=half, meta=meta)
-        return Path(path)
-
-
-def save_model(model, path: str | Path, half: bool = False, meta: dict | None = None) -> None:
-    """Write a checkpoint directory; the weights file is replaced atomically (resumable training)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(path / "config.json")
-    save_weights(model, path, half=half)
-    if meta is not None:
-        (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+check_checkpoint = DiffusionPolicy.check_checkpoint
+save_model = DiffusionPolicy.save_model

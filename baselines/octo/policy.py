@@ -11,57 +11,19 @@ when a model is built, so the runner can validate a checkpoint directory cheaply
 
 from __future__ import annotations
 
-import json
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from divla_eval.baselines.octo.config import LABEL, TEXT_ENCODER_PACKAGES, OctoConfig, text_encoder_dir
-from divla_eval.checkpoint import (
-    CheckpointError,
-    check_files,
-    check_inference_options,
-    check_proprio,
-    checkpoint_hash,
-    load_weights,
-    read_config,
-    save_weights,
-)
+from divla_eval.checkpoint import CheckpointError
 from divla_eval.errors import DivlaEvalError
-from divla_eval.policy import (
-    ActionChunk,
-    Observation,
-    ObservationHistory,
-    PolicyMetadata,
-    use_torch_thread_share,
-)
-
-REQUIRED_FILES = ("config.json", "model.safetensors")
-META_FILE = "octo_meta.json"
+from divla_eval.learned import LearnedPolicy
+from divla_eval.policy import ActionChunk, Observation, ObservationHistory, PolicyMetadata
 
 
-def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_dim: int | None = None) -> dict:
-    """Validate a checkpoint directory without loading torch (files, config, robot, text encoder);
-    returns its config dict."""
-    path = Path(path)
-    check_files(path, REQUIRED_FILES, LABEL)
-    d = read_config(path, OctoConfig, "octo")  # checked: from_dict cannot fail
-    cfg = OctoConfig.from_dict(d)
-    if embodiment is not None and embodiment != cfg.embodiment:
-        raise CheckpointError(
-            f"{path} was trained for {cfg.embodiment!r}, not for {embodiment!r}: train one on this robot's "
-            "demonstrations first"
-        )
-    check_proprio(path, cfg.proprio_dim, proprio_dim)
-    try:
-        text_encoder_dir(cfg.text_encoder)
-    except DivlaEvalError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    return d
-
-
-class OctoPolicy:
+class OctoPolicy(LearnedPolicy):
     """Registered as `octo`; built from a checkpoint (`from_pretrained`).
 
     The instruction is encoded once per episode, at `reset`. Like Diffusion Policy it keeps the last
@@ -70,13 +32,14 @@ class OctoPolicy:
     demo's first frame.
     """
 
-    requires_checkpoint = True
-    check_checkpoint = staticmethod(check_checkpoint)  # what the runner's validation calls
+    name = "octo"
+    config_class = OctoConfig
+    model_class = "divla_eval.baselines.octo.model:OctoModel"
+    meta_file = "octo_meta.json"
     INFERENCE_OPTIONS: dict[str, type] = {"inference_steps": int, "execute_steps": int}
     """What `divla-eval run --policy-option KEY=VALUE` may set (passed to `from_pretrained`): DDIM
     steps per call and actions run from each chunk (1..chunk), overriding the checkpoint config's
     values without changing the config."""
-    check_inference_options = staticmethod(check_inference_options)  # their ranges, against config.json
 
     def __init__(
         self,
@@ -88,17 +51,12 @@ class OctoPolicy:
     ):
         import torch
 
-        overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
-        check_inference_options({k: v for k, v in overrides.items() if v is not None}, model.cfg)
-        use_torch_thread_share()
-
-        self.model = model.to(device).eval()
-        self.device = device
+        super().__init__(model, device, inference_steps=inference_steps, execute_steps=execute_steps)
         cfg: OctoConfig = model.cfg
         self.inference_steps = cfg.inference_steps if inference_steps is None else inference_steps
         """DDIM steps per call (the checkpoint config's unless overridden)."""
         self.metadata = PolicyMetadata(
-            name="octo",
+            name=self.name,
             cameras=cfg.cameras,
             execute_steps=cfg.execute_steps if execute_steps is None else execute_steps,
             checkpoint_hash=checkpoint_id,
@@ -135,36 +93,19 @@ class OctoPolicy:
         )
         return ActionChunk(actions=actions[0].cpu().numpy().astype(np.float64))
 
-    # --- construction and files ---------------------------------------------------------------------
+    # --- checkpoints: the base's, and the frozen text encoder they read instructions with ------------
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: str = "cpu",
-        inference_steps: int | None = None,
-        execute_steps: int | None = None,
-    ) -> OctoPolicy:
-        """Load a checkpoint directory; the keyword options are `INFERENCE_OPTIONS` (see the class)."""
-        from divla_eval.baselines.octo.model import OctoModel
+    def check_config(cls, path: Path, config: dict, embodiment: str | None, proprio_dim: int | None) -> None:
+        super().check_config(path, config, embodiment, proprio_dim)
+        try:
+            text_encoder_dir(OctoConfig.from_dict(config).text_encoder)
+        except DivlaEvalError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
 
-        path = Path(path)
-        cfg = OctoConfig.from_dict(check_checkpoint(path))
-        overrides = {"inference_steps": inference_steps, "execute_steps": execute_steps}
-        # before the weights are read: an out-of-range option costs nothing
-        check_inference_options({k: v for k, v in overrides.items() if v is not None}, cfg)
-        model = OctoModel(cfg)
-        load_weights(model, path)
-        return cls(
-            model,
-            checkpoint_id=checkpoint_hash(path),
-            device=device,
-            inference_steps=inference_steps,
-            execute_steps=execute_steps,
-        )
-
-    def save_pretrained(self, path: str | Path, half: bool = False, meta: dict | None = None) -> Path:
-        save_model(self.model, path, half=half, meta=meta)
-        return Path(path)
+    @classmethod
+    def meta_record(cls, model, meta: dict) -> dict:
+        name = model.cfg.text_encoder
+        return {**meta, "text_encoder": {"name": name, "version": text_encoder_version(name)}}
 
 
 def text_encoder_version(name: str) -> str | None:
@@ -177,13 +118,5 @@ def text_encoder_version(name: str) -> str | None:
         return None
 
 
-def save_model(model, path: str | Path, half: bool = False, meta: dict | None = None) -> None:
-    """Write a checkpoint directory; the weights file is replaced atomically (resumable training)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(path / "config.json")
-    save_weights(model, path, half=half)
-    if meta is not None:
-        name = model.cfg.text_encoder
-        meta = {**meta, "text_encoder": {"name": name, "version": text_encoder_version(name)}}
-        (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+check_checkpoint = OctoPolicy.check_checkpoint
+save_model = OctoPolicy.save_model

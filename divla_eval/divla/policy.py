@@ -10,45 +10,18 @@ Weights are safetensors only: no pickles are loaded from a checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from divla_eval.checkpoint import (  # shared by every learned policy
-    CheckpointError,
-    check_files,
-    check_inference_options,
-    check_proprio,
-    checkpoint_hash,
-    load_weights,
-    read_config,
-    save_weights,
-)
+from divla_eval.checkpoint import CheckpointError, check_proprio
 from divla_eval.divla.config import DiVLAConfig
 from divla_eval.errors import DivlaEvalError
-from divla_eval.policy import ActionChunk, Observation, PolicyMetadata, use_torch_thread_share
-
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def check_checkpoint(path: str | Path, embodiment: str | None = None, proprio_dim: int | None = None) -> dict:
-    """Validate a checkpoint directory without loading torch; returns its config dict."""
-    path = Path(path)
-    check_files(path, REQUIRED_FILES, "DiVLA")
-    cfg = read_config(path, DiVLAConfig, "divla")  # every field checked against DiVLAConfig
-    heads = cfg.get("embodiments", {})
-    if embodiment is not None:
-        if embodiment not in heads:
-            raise CheckpointError(
-                f"{path} has action heads for {list(heads)}, not for {embodiment!r}: train (or fine-tune) "
-                "one for this robot first"
-            )
-        check_proprio(path, heads[embodiment][1], proprio_dim)
-    return cfg
+from divla_eval.learned import VisionLanguagePolicy
+from divla_eval.policy import ActionChunk, Observation, PolicyMetadata
 
 
-class DiVLAPolicy:
+class DiVLAPolicy(VisionLanguagePolicy):
     """Registered as `divla`. Built from a checkpoint (`from_pretrained`) or around a model in memory.
 
     `reasoning_every` trades reasoning freshness for speed, because generating the phrase token by
@@ -74,8 +47,10 @@ class DiVLAPolicy:
     wrong reasoning (success rises with the right phrase) or from the motion (it does not).
     """
 
-    requires_checkpoint = True
-    check_checkpoint = staticmethod(check_checkpoint)  # what the runner's validation calls
+    name = "divla"
+    config_class = DiVLAConfig
+    model_class = "divla_eval.divla.model:DiVLAModel"
+    meta_file = "divla_meta.json"
     INFERENCE_OPTIONS: dict[str, type] = {
         "reasoning_every": int,
         "inference_steps": int,
@@ -83,7 +58,6 @@ class DiVLAPolicy:
         "oracle_reasoning": int,
     }
     """What `divla-eval run --policy-option KEY=VALUE` may set (passed to `from_pretrained`)."""
-    check_inference_options = staticmethod(check_inference_options)  # their ranges, against config.json
     timing_variants = {
         "reasoning every call": {"reasoning_every": 1},
         "reasoning every 4th call": {"reasoning_every": 4},
@@ -104,20 +78,17 @@ class DiVLAPolicy:
         import torch
 
         cfg = model.cfg
-        overrides = {
-            "inference_steps": inference_steps,
-            "execute_steps": execute_steps,
-            "oracle_reasoning": oracle_reasoning,
-        }
-        check_inference_options({k: v for k, v in overrides.items() if v is not None}, cfg)
-        use_torch_thread_share()
-
-        self.model = model.to(device).eval()
-        self.device = device
+        super().__init__(
+            model,
+            device,
+            inference_steps=inference_steps,
+            execute_steps=execute_steps,
+            oracle_reasoning=oracle_reasoning,
+        )
         self.inference_steps = cfg.inference_steps if inference_steps is None else inference_steps
         """DDIM steps per call (the checkpoint config's unless overridden)."""
         self.metadata = PolicyMetadata(
-            name="divla",
+            name=self.name,
             cameras=cfg.cameras,
             execute_steps=cfg.execute_steps if execute_steps is None else execute_steps,
             checkpoint_hash=checkpoint_id,
@@ -183,68 +154,18 @@ class DiVLAPolicy:
         self.last_reasoning = text
         return ActionChunk(actions=out.actions[0].cpu().numpy().astype(np.float64), reasoning=text)
 
-    # --- construction and files ---------------------------------------------------------------------
+    # --- checkpoints: the base's, but for one action head per embodiment ------------------------------
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: str = "cpu",
-        reasoning_every: int = 1,
-        inference_steps: int | None = None,
-        execute_steps: int | None = None,
-        oracle_reasoning: int = 0,
-    ) -> DiVLAPolicy:
-        """Load a checkpoint directory; the keyword options are `INFERENCE_OPTIONS` (see the class)."""
-        from divla_eval.divla.model import DiVLAModel
-
-        path = Path(path)
-        overrides = {
-            "inference_steps": inference_steps,
-            "execute_steps": execute_steps,
-            "oracle_reasoning": oracle_reasoning,
-        }
-        # before the weights are read: an out-of-range option costs nothing
-        check_inference_options({k: v for k, v in overrides.items() if v is not None}, check_checkpoint(path))
-        model = DiVLAModel(_load_config(path), _load_tokenizer(path))
-        load_weights(model, path)
-        return cls(
-            model,
-            checkpoint_id=checkpoint_hash(path),
-            device=device,
-            reasoning_every=reasoning_every,
-            inference_steps=inference_steps,
-            execute_steps=execute_steps,
-            oracle_reasoning=oracle_reasoning,
-        )
-
-    def save_pretrained(self, path: str | Path, half: bool = False, meta: dict | None = None) -> Path:
-        save_model(self.model, path, half=half, meta=meta)
-        return Path(path)
+    def check_config(cls, path: Path, config: dict, embodiment: str | None, proprio_dim: int | None) -> None:
+        heads = config.get("embodiments", {})
+        if embodiment is not None:
+            if embodiment not in heads:
+                raise CheckpointError(
+                    f"{path} has action heads for {list(heads)}, not for {embodiment!r}: train (or "
+                    "fine-tune) one for this robot first"
+                )
+            check_proprio(path, heads[embodiment][1], proprio_dim)
 
 
-def save_model(model, path: str | Path, half: bool = False, meta: dict | None = None) -> None:
-    """Write a checkpoint directory atomically enough for resumable training: the weights file is
-    written under a temporary name and renamed, so a crash never leaves a torn model.safetensors."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(path / "config.json")
-    model.tokenizer.save_pretrained(path)
-    save_weights(model, path, half=half)
-    if meta is not None:
-        (path / "divla_meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-
-def _load_config(path: Path):
-    cfg = DiVLAConfig.load(path / "config.json")
-    # the HF configs inside rebuild the architecture; the weights come from model.safetensors
-    cfg.vision_pretrained = cfg.vlm_pretrained = None
-    return cfg
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:  # tokenizers raises plain Exceptions on a damaged JSON file
-        raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from exc
+check_checkpoint = DiVLAPolicy.check_checkpoint
+save_model = DiVLAPolicy.save_model

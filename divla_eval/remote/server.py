@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from divla_eval.errors import DivlaEvalError
+from divla_eval.policy import BatchedPolicy, ForkablePolicy, PrivilegedPolicy
 from divla_eval.remote import wire
 
 log = logging.getLogger("divla_eval.serve")
@@ -44,9 +45,10 @@ DEFAULT_MAX_MESSAGE_MB = 64
 def fork_policy(policy):
     """A session's copy of `policy`: its own per-episode state, the same model weights.
 
-    A policy may define `fork()` itself; otherwise the object is deep-copied with every torch module it
-    holds shared (put in deepcopy's memo), so a session costs its small state, not a second model."""
-    if hasattr(policy, "fork"):
+    A policy may define `fork()` itself (a `ForkablePolicy`); otherwise the object is deep-copied with
+    every torch module it holds shared (put in deepcopy's memo), so a session costs its small state,
+    not a second model."""
+    if isinstance(policy, ForkablePolicy):
         return policy.fork()
     memo: dict[int, Any] = {}
     for value in vars(policy).values():
@@ -166,7 +168,8 @@ def _run_jobs(jobs: list[_Job]) -> list[tuple[bool, Any]]:
             ready.append(i)
         except Exception as exc:
             results[i] = (False, _InferenceFailure(traceback.format_exc(), exc))
-    batch_infer = getattr(type(jobs[0].session), "infer_batch", None)
+    session = jobs[0].session
+    batch_infer = type(session).infer_batch if isinstance(session, BatchedPolicy) else None
     timing = {"batch_size": len(ready)}
     if batch_infer is not None and len(ready) > 1:
         t0 = time.perf_counter()
@@ -231,7 +234,7 @@ class PolicyServer:
         max_wait_ms: float = 0.0,
         max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
     ):
-        if getattr(policy.metadata, "privileged", False):
+        if policy.metadata.privileged or isinstance(policy, PrivilegedPolicy):
             raise DivlaEvalError(
                 f"policy {name!r} is privileged (it reads the simulator's state), so it cannot be served; "
                 "serve a learned policy or random"
