@@ -3,11 +3,17 @@
 `divla_eval.evaluate(policy, task=...)` evaluates a policy object or name from Python and returns an
 `EvaluationResult`. Both are loaded on first use, so `import divla_eval` stays light (no torch,
 robosuite or MuJoCo) for the command line and for packages that only declare a policy plugin.
+
+Importing it registers the gymnasium ids (`gymnasium.make("divla_eval/BinPicking-v0")`, one per task;
+`divla_eval.envs.ENV_IDS`) with string entry points, so nothing from the simulator is imported until an
+env is made.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from divla_eval import envs as _envs  # noqa: F401  (registers the gymnasium ids, lazily)
 
 if TYPE_CHECKING:
     from divla_eval.api import EvaluationResult, evaluate

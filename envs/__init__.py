@@ -1,7 +1,8 @@
 """Simulation layer: robosuite scenes, the object library, rendering and the gymnasium wrapper.
 
-Importing this package registers one gymnasium id per task (`divla_eval/BinPicking-v0`, ...), lazily:
-nothing from robosuite is imported until an env is made.
+Importing this package (which `import divla_eval` does) registers one gymnasium id per task
+(`divla_eval/BinPicking-v0`, ...), lazily: the entry points are strings, so nothing from robosuite or
+MuJoCo is imported until an env is made. Keep this module light for that reason.
 """
 
 import gymnasium as gym

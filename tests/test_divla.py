@@ -168,9 +168,7 @@ def test_generation_feeds_one_token_per_step_through_the_kv_cache():
     m.lm_head = AlwaysSeven()
     lengths = []
     hook = m.decoder.register_forward_pre_hook(
-        lambda mod, args, kw: lengths.append(
-            (kw["inputs_embeds"].shape[1], kw.get("past_key_values") is not None)
-        ),
+        lambda mod, args, kw: lengths.append((kw["inputs_embeds"].shape[1], kw.get("cache") is not None)),
         with_kwargs=True,
     )
     images, proprio = single_obs(batch())

@@ -146,7 +146,7 @@ def test_generation_decodes_action_dim_tokens_with_the_kv_cache(monkeypatch):
     forward = m.decoder.forward
 
     def spy(*args, **kw):
-        calls.append((kw["inputs_embeds"].shape[1], kw.get("past_key_values") is not None))
+        calls.append((kw["inputs_embeds"].shape[1], kw.get("cache") is not None))
         return forward(*args, **kw)
 
     monkeypatch.setattr(m.decoder, "forward", spy)

@@ -8,9 +8,11 @@ from divla_eval.envs.perturbations import PERTURBATIONS
 from divla_eval.metrics import perturbation_drops, records_frame
 from divla_eval.records import EpisodeStore
 from divla_eval.runner import RunConfig, plan_episodes, run
+from divla_eval.tasks import TASKS, get_task
 from divla_eval.tasks.base import EpisodeSpec
 
-ALL = ("distractors", "background", "lighting", "camera", "table")
+ISSUE_PERTURBATIONS = ("distractors", "background", "lighting", "camera", "table")
+NAMES = PERTURBATIONS.names()  # every registered perturbation, not a hand-written list
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +30,10 @@ def _reset(env, perturbations=(), index=0):
 
 
 def test_every_issue_perturbation_is_registered():
-    assert set(ALL) <= set(PERTURBATIONS.names())
+    assert set(ISSUE_PERTURBATIONS) <= set(NAMES)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_perturbation_visibly_changes_the_front_image(env, name):
     clean = _reset(env)["front"].astype(int)
     perturbed = _reset(env, ((name, 3),))["front"].astype(int)
@@ -39,7 +41,7 @@ def test_perturbation_visibly_changes_the_front_image(env, name):
     assert env.perturbation_params[0]["name"] == name and env.perturbation_params[0]["level"] == 3
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_task_objects_and_robot_start_where_they_would_without_it(env, name):
     _reset(env)
     clean = env.get_state()
@@ -69,7 +71,7 @@ def test_params_are_deterministic_and_depend_on_level(env):
     assert len(env.perturbation_params[1]["objects"]) == 5
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", NAMES)
 def test_expert_still_succeeds_under_highest_severity(name):
     e = DivlaEnv(cameras=())
     try:
@@ -118,18 +120,17 @@ def test_paired_drop_on_constructed_records():
     assert row["drop_ci_low"] > 0.0 and row["drop_ci_high"] <= 0.8
 
 
-VISUAL = tuple((name, 3) for name in ALL if name != "distractors")
+VISUAL = tuple((name, 3) for name in NAMES if name != "distractors")
+
+
+#: Where a task's hardest or most contact-rich split is not its default one; every other registered task
+#: runs at its default split.
+SPLIT_FOR = {"sorting": ("mixed", "hard"), "multitask": ("flip_pot", None), "bussing": ("mixed", None)}
 
 
 @pytest.mark.parametrize(
     "task,split,difficulty",
-    [
-        ("bin_picking", "unseen", None),
-        ("sorting", "mixed", "hard"),
-        ("multitask", "flip_pot", None),
-        ("bussing", "mixed", None),
-        ("novel_instruction", "novel", None),
-    ],
+    [(name, *SPLIT_FOR.get(name, (get_task(name).default_split, None))) for name in TASKS.names()],
 )
 def test_visual_perturbations_leave_the_expert_trajectory_bit_identical(task, split, difficulty):
     """The scripted expert reads simulator state and renders nothing, and episode seeds exclude the

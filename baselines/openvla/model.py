@@ -175,7 +175,7 @@ class OpenVLAModel(nn.Module):
             if step + 1 < self.cfg.action_dim:
                 out = self.decoder(
                     inputs_embeds=self.embed_tokens((bins + first)[:, None]),
-                    past_key_values=out.past_key_values,
+                    cache=out.cache,
                     use_cache=True,
                 )
         return torch.stack(chosen, dim=1)

@@ -351,7 +351,7 @@ class DiVLAModel(nn.Module):
         """
         with _stage("divla.reasoning_prefix"):
             out = self.decoder(inputs_embeds=prefix, use_cache=True)
-            cache, hiddens, ids = out.past_key_values, [], []
+            cache, hiddens, ids = out.cache, [], []
             logits = self.lm_head(out.last_hidden_state[:, -1])
         eos = self.tokenizer.eos_token_id
         for _ in range(self.cfg.max_reasoning_tokens):
@@ -362,10 +362,10 @@ class DiVLAModel(nn.Module):
             with _stage("divla.reasoning_token"):
                 out = self.decoder(
                     inputs_embeds=self.embed_tokens(torch.tensor([[tok]], device=prefix.device)),
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 )
-                cache = out.past_key_values
+                cache = out.cache
                 hiddens.append(out.last_hidden_state[:, -1])
                 logits = self.lm_head(out.last_hidden_state[:, -1])
         return ids, cache, hiddens
@@ -402,9 +402,7 @@ class DiVLAModel(nn.Module):
             with _stage("divla.action_pass"):
                 eos_emb = self.embed_tokens(torch.tensor([[eos]], device=dev))
                 tail = torch.cat([eos_emb, self.action_tokens[None]], dim=1)
-                out = self.decoder(
-                    inputs_embeds=tail, past_key_values=cache, use_cache=True
-                ).last_hidden_state
+                out = self.decoder(inputs_embeds=tail, cache=cache, use_cache=True).last_hidden_state
                 hiddens.append(out[:, 0])
                 r_emb = torch.stack(hiddens, 1).mean(1)
         else:
