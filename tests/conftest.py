@@ -16,3 +16,18 @@ def demos(tmp_path_factory):
     cfg = CollectConfig(task="bin_picking", split="seen", episodes=2, seed=1000, image_size=28)
     collect(cfg, path, progress=False)
     return path
+
+
+# A Diffusion Policy config small enough to train and act in milliseconds (image_size: the test's own);
+# tests import it (`from conftest import TINY_DIFFUSION_POLICY`) rather than keeping copies.
+TINY_DIFFUSION_POLICY = {
+    "encoder_channels": [8, 16],
+    "num_keypoints": 4,
+    "feature_dim": 8,
+    "chunk": 8,
+    "execute_steps": 4,
+    "unet_down_dims": [16, 32],
+    "step_embed_dim": 8,
+    "train_diffusion_steps": 20,
+    "inference_steps": 3,
+}

@@ -12,18 +12,6 @@ torch = pytest.importorskip("torch")
 from divla_eval.cli import main  # noqa: E402
 from divla_eval.train import snapshot_dirs  # noqa: E402
 
-TINY = {
-    "encoder_channels": [8, 16],
-    "num_keypoints": 4,
-    "feature_dim": 8,
-    "chunk": 8,
-    "execute_steps": 4,
-    "unet_down_dims": [16, 32],
-    "step_embed_dim": 8,
-    "train_diffusion_steps": 20,
-    "inference_steps": 3,
-}
-
 
 @pytest.fixture(autouse=True)
 def one_torch_thread(monkeypatch):
@@ -36,7 +24,9 @@ def one_torch_thread(monkeypatch):
 
 
 def _train(demos, out, steps, *extra):
-    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY.items()]
+    from conftest import TINY_DIFFUSION_POLICY
+
+    opts = [f"--model-option={k}={json.dumps(v)}" for k, v in TINY_DIFFUSION_POLICY.items()]
     argv = ["train", "--policy", "diffusion_policy", "--demos", str(demos), "--out", str(out)]
     argv += ["--steps", str(steps), "--batch-size", "4", "--no-progress", *opts, *extra]
     assert main(argv) == 0

@@ -101,22 +101,13 @@ def records(run_dir: Path) -> list[dict]:
 def tiny_dp(tmp_path_factory) -> Path:
     """A tiny untrained Diffusion Policy checkpoint at 28 px (as tests/test_diffusion_policy.py builds)."""
     torch = pytest.importorskip("torch")
+    from conftest import TINY_DIFFUSION_POLICY
+
     from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig
     from divla_eval.baselines.diffusion_policy.model import DiffusionPolicyModel
     from divla_eval.baselines.diffusion_policy.policy import save_model
 
-    tiny = {
-        "encoder_channels": [8, 16],
-        "num_keypoints": 4,
-        "feature_dim": 8,
-        "chunk": 8,
-        "execute_steps": 4,
-        "unet_down_dims": [16, 32],
-        "step_embed_dim": 8,
-        "train_diffusion_steps": 20,
-        "inference_steps": 3,
-        "image_size": 28,
-    }
+    tiny = {**TINY_DIFFUSION_POLICY, "image_size": 28}
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "dp"
     save_model(DiffusionPolicyModel(DiffusionPolicyConfig(**tiny)), path)

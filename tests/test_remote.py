@@ -283,15 +283,14 @@ def test_concurrent_clients_are_batched_and_each_keeps_its_own_seeded_actions(se
 
 def test_diffusion_policy_batches_sessions_into_one_forward_pass():
     torch = pytest.importorskip("torch")
+    from conftest import TINY_DIFFUSION_POLICY
+
     from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig
     from divla_eval.baselines.diffusion_policy.model import DiffusionPolicyModel
     from divla_eval.baselines.diffusion_policy.policy import DiffusionPolicy
 
     torch.manual_seed(0)
-    cfg = DiffusionPolicyConfig(
-        encoder_channels=[8, 16], num_keypoints=4, feature_dim=8, chunk=8, execute_steps=4,
-        unet_down_dims=[16, 32], step_embed_dim=8, train_diffusion_steps=20, inference_steps=3, image_size=16,
-    )  # fmt: skip
+    cfg = DiffusionPolicyConfig(**TINY_DIFFUSION_POLICY, image_size=16)
     policy = DiffusionPolicy(DiffusionPolicyModel(cfg).eval())
     sessions = [fork_policy(policy) for _ in range(3)]
     assert all(s.model is policy.model for s in sessions)
