@@ -10,6 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import TINY_DIFFUSION_POLICY  # noqa: E402
+
 from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig  # noqa: E402
 from divla_eval.baselines.diffusion_policy.model import DiffusionPolicyModel  # noqa: E402
 from divla_eval.baselines.diffusion_policy.policy import (  # noqa: E402
@@ -22,17 +24,7 @@ from divla_eval.cli import main  # noqa: E402
 from divla_eval.errors import DivlaEvalError  # noqa: E402
 from divla_eval.policy import ActionChunk, Observation, PolicyMetadata  # noqa: E402
 
-TINY = {
-    "encoder_channels": [8, 16],
-    "num_keypoints": 4,
-    "feature_dim": 8,
-    "chunk": 8,
-    "execute_steps": 4,
-    "unet_down_dims": [16, 32],
-    "step_embed_dim": 8,
-    "train_diffusion_steps": 20,
-    "inference_steps": 3,
-}
+TINY = TINY_DIFFUSION_POLICY  # the shared tiny config (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)
