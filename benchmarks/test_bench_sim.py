@@ -8,13 +8,14 @@ import mujoco
 import numpy as np
 import pytest
 
-from divla_eval.envs.gym_env import CAMERAS, DivlaEnv
+from divla_eval.envs.gym_env import CAMERAS
+from divla_eval.tasks import make_env
 from divla_eval.tasks.base import EpisodeSpec
 
 
 @pytest.fixture(scope="module")
 def env():
-    e = DivlaEnv(cameras=(), image_size=84)
+    e = make_env(cameras=(), image_size=84)
     e.reset(options={"episode": EpisodeSpec("bin_picking", "unseen", 0)})
     yield e
     e.close()
@@ -41,7 +42,7 @@ def test_camera_frame_robosuite_defaults(benchmark, camera):
     """Reference: full robot meshes, shadows, reflections and 4x multisampling, as robosuite draws them."""
     from divla_eval.envs.tabletop import TabletopEnv
 
-    e = DivlaEnv(cameras=())
+    e = make_env(cameras=())
     ep = e.task.episode(EpisodeSpec("bin_picking", "unseen", 0))
     sim = TabletopEnv(ep.builder)
     sim._initialize_sim = super(TabletopEnv, sim)._initialize_sim  # skip mesh decimation

@@ -5,7 +5,7 @@
 robosuite or MuJoCo) for the command line and for packages that only declare a policy plugin.
 
 Importing it registers the gymnasium ids (`gymnasium.make("divla_eval/BinPicking-v0")`, one per task;
-`divla_eval.envs.ENV_IDS`) with string entry points, so nothing from the simulator is imported until an
+`divla_eval.tasks.ENV_IDS`) with string entry points, so nothing from the simulator is imported until an
 env is made.
 """
 
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from divla_eval import envs as _envs  # noqa: F401  (registers the gymnasium ids, lazily)
+from divla_eval import envs as _envs  # noqa: F401  (quiets robosuite's import-time logging)
+from divla_eval import tasks as _tasks  # noqa: F401  (registers the gymnasium ids, lazily)
 
 if TYPE_CHECKING:
     from divla_eval.api import EvaluationResult, evaluate

@@ -82,7 +82,7 @@ def evaluate(
 
     from divla_eval.errors import DivlaEvalError
     from divla_eval.metrics import wilson_interval
-    from divla_eval.runner import RunConfig, run
+    from divla_eval.runner import Run, RunConfig, run
     from divla_eval.tasks import get_task, parse_task_options
 
     if not isinstance(workers, int) or workers < 1:
@@ -132,7 +132,7 @@ def evaluate(
     )
     run_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"divla-eval-{task}-"))
     summary = run(
-        cfg,
+        Run.resolve(cfg, spec),  # the task built above, not a second time
         run_dir,
         progress=progress,
         video=video,

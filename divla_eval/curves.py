@@ -53,10 +53,10 @@ def trained_policy(train_dir: Path) -> str:
     return policy
 
 
-def _cells(cfg: CurveConfig) -> list[str]:
+def _cells(cfg: CurveConfig, task=None) -> list[str]:
     from divla_eval.tasks import get_task
 
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     splits = list(cfg.splits) or list(task.splits)
     for split in splits:
         task.validate(split, cfg.difficulty if cfg.difficulty is not None else task.difficulties[0])
@@ -89,13 +89,14 @@ def evaluate(cfg: CurveConfig, progress: bool = True) -> None:
     from tqdm import tqdm
 
     from divla_eval.checkpoint import read_config
-    from divla_eval.runner import RunConfig, run
+    from divla_eval.runner import Run, RunConfig, run
     from divla_eval.tasks import get_task
 
     policy = trained_policy(cfg.train_dir)
-    cells = _cells(cfg)
+    task = get_task(cfg.task)  # built once, handed to every run
+    cells = _cells(cfg, task)
     snaps = _snapshots(cfg)
-    difficulty = cfg.difficulty if cfg.difficulty is not None else get_task(cfg.task).difficulties[0]
+    difficulty = cfg.difficulty if cfg.difficulty is not None else task.difficulties[0]
     bar = tqdm(total=len(snaps) * len(cells), disable=not progress, unit="cell", desc="curve")
     for step, snapshot in snaps:
         # the camera resolution the model was trained at (every learned policy's config records it)
@@ -115,7 +116,14 @@ def evaluate(cfg: CurveConfig, progress: bool = True) -> None:
                 max_steps=cfg.max_steps,
             )
             out = cell_dir(cfg, step, split)
-            run(run_cfg, out, progress=False, workers=cfg.workers, threads=cfg.threads, device=cfg.device)
+            run(
+                Run.resolve(run_cfg, task),
+                out,
+                progress=False,
+                workers=cfg.workers,
+                threads=cfg.threads,
+                device=cfg.device,
+            )
             bar.update(1)
     bar.close()
 

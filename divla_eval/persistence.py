@@ -44,7 +44,7 @@ def check_run(run_dir: Path, hold: int = HOLD_STEPS, progress: bool = True) -> l
     from tqdm import tqdm
 
     from divla_eval.records import EpisodeStore, read_manifest
-    from divla_eval.runner import EpisodeWorker, RunConfig, plan_episodes, run_episode
+    from divla_eval.runner import EpisodeWorker, RunConfig, run_episode
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -52,27 +52,26 @@ def check_run(run_dir: Path, hold: int = HOLD_STEPS, progress: bool = True) -> l
         raise DivlaEvalError(f"{run_dir} is not a run directory (no manifest.json)")
     if "task" not in manifest["config"]:  # read_manifest checked a run's config field by field
         raise DivlaEvalError(f"{run_dir}/manifest.json is not a run's manifest (its config names no task)")
-    cfg = RunConfig.from_dict(manifest["config"])
+    run = RunConfig.from_dict(manifest["config"]).resolve()
     wins = {r.episode_key: r for r in EpisodeStore(run_dir / "episodes.jsonl").load() if r.success}
-    specs = [s for s in plan_episodes(cfg) if s.key in wins]
-    worker = EpisodeWorker(cfg, run_dir, video=False)
+    specs = [s for s in run.plan() if s.key in wins]
+    worker = EpisodeWorker(run, run_dir, video=False)
     frozen = frozen_action(worker.env.action_space.shape[0])
     results = []
     try:
         for spec in tqdm(specs, disable=not progress, unit="ep", desc="re-run"):
             outcome = run_episode(worker.env, spec, worker.policy)
-            held = outcome["success"]
+            held = outcome.success
             for _ in range(hold):
-                _, _, info = worker.env.advance(frozen)
-                held = bool(info["success"])
+                held = worker.env.advance(frozen).success
             recorded = wins[spec.key].steps
             results.append(
                 Persistence(
                     episode_key=spec.key,
                     recorded_steps=recorded,
-                    rerun_steps=outcome["steps"],
-                    reproduced=outcome["success"] and outcome["steps"] == recorded,
-                    persists=outcome["success"] and held,
+                    rerun_steps=outcome.steps,
+                    reproduced=outcome.success and outcome.steps == recorded,
+                    persists=outcome.success and held,
                 )
             )
     finally:

@@ -23,11 +23,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from divla_eval.episode import EpisodeOutcome, run_episode
 from divla_eval.errors import DivlaEvalError, raise_if_interrupted
-from divla_eval.reasoning import reasoning_scores
 from divla_eval.records import (
     EpisodeRecord,
     EpisodeStore,
@@ -36,6 +35,11 @@ from divla_eval.records import (
     read_manifest,
     write_manifest,
 )
+
+if TYPE_CHECKING:
+    from divla_eval.tasks.base import EpisodeSpec, Task
+
+__all__ = ["EpisodeOutcome", "Run", "RunConfig", "run", "run_episode", "validate"]
 
 
 @dataclass(frozen=True)
@@ -58,22 +62,13 @@ class RunConfig:
     """Inference options of a learned policy (`--policy-option KEY=VALUE`, see the policy's
     `INFERENCE_OPTIONS`), passed to its `from_pretrained`; part of the resume key."""
 
-    def resolved_episodes(self) -> int:
-        if self.episodes is not None:
-            return self.episodes
-        from divla_eval.tasks import get_task
-
-        return get_task(self.task, **self.task_options).default_episodes(self.split)
+    def resolve(self) -> Run:
+        """This config with its task built (once) and checked: what the rest of a run is handed."""
+        return Run.resolve(self)
 
     def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["episodes"] = self.resolved_episodes()
-        d["perturbations"] = [list(p) for p in self.perturbations]
-        if not self.policy_options:
-            # recorded only when set, so run directories made before the option existed (whose
-            # manifests lack the key) still resume; an absent key means the checkpoint's defaults
-            del d["policy_options"]
-        return d
+        """The manifest's `config` (see `Run.as_dict`)."""
+        return self.resolve().as_dict()
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
@@ -84,17 +79,62 @@ class RunConfig:
         return cls(**kwargs)
 
 
-def plan_episodes(cfg: RunConfig):
-    from divla_eval.tasks.base import EpisodeSpec
+@dataclass(frozen=True)
+class Run:
+    """A `RunConfig` resolved once, before anything runs: its Task instance (built from the name and
+    options here and nowhere else below the CLI), its episode count and so its plan. It is what
+    `validate`, the run directory's manifest, the episode workers and their envs are handed."""
 
-    variants = [cfg.perturbations]
-    if cfg.matched_control and cfg.perturbations:
-        variants.append(())
-    return [
-        EpisodeSpec(cfg.task, cfg.split, i, cfg.seed, cfg.difficulty, perturbations)
-        for i in range(cfg.resolved_episodes())
-        for perturbations in variants
-    ]
+    cfg: RunConfig
+    task: Task
+    episodes: int
+
+    @classmethod
+    def resolve(cls, cfg: RunConfig, task: Task | None = None) -> Run:
+        """Build the task (unknown names and options: one line) and check the split and difficulty.
+        `task`: the config's task, already built (the CLI builds it once for several splits)."""
+        from divla_eval.tasks import get_task
+
+        if task is None:
+            task = get_task(cfg.task, **cfg.task_options)
+        elif task.name != cfg.task:
+            raise ValueError(f"task {task.name!r} given for a config of task {cfg.task!r}")
+        task.validate(cfg.split, cfg.difficulty)
+        episodes = cfg.episodes if cfg.episodes is not None else task.default_episodes(cfg.split)
+        return cls(cfg, task, episodes)
+
+    def plan(self) -> list[EpisodeSpec]:
+        """Every planned episode, in order (with `matched_control`, each also without perturbations)."""
+        cfg = self.cfg
+        variants = [cfg.perturbations]
+        if cfg.matched_control and cfg.perturbations:
+            variants.append(())
+        return [
+            self.task.spec(cfg.split, i, cfg.seed, cfg.difficulty, perturbations)
+            for i in range(self.episodes)
+            for perturbations in variants
+        ]
+
+    def as_dict(self) -> dict:
+        """The manifest's `config`: what a resumed run must match (`RunConfig.from_dict` reads it)."""
+        d = dataclasses.asdict(self.cfg)
+        d["episodes"] = self.episodes
+        d["perturbations"] = [list(p) for p in self.cfg.perturbations]
+        if not self.cfg.policy_options:
+            # recorded only when set, so run directories made before the option existed (whose
+            # manifests lack the key) still resume; an absent key means the checkpoint's defaults
+            del d["policy_options"]
+        return d
+
+    @property
+    def max_steps(self) -> int:
+        """The budget episodes actually get (it can depend on the split and the difficulty)."""
+        return self.cfg.max_steps or self.task.max_steps_for(self.cfg.split, self.cfg.difficulty)
+
+
+def plan_episodes(cfg: RunConfig | Run) -> list[EpisodeSpec]:
+    """The planned episodes of a config (resolving it) or of a resolved run."""
+    return (cfg if isinstance(cfg, Run) else cfg.resolve()).plan()
 
 
 MAX_EPISODES = 100_000
@@ -128,8 +168,9 @@ def check_parallelism(workers: int, threads: int | None = None) -> None:
         raise DivlaEvalError(f"--threads {threads} is more than 4 per core ({cores} cores here)")
 
 
-def validate(cfg: RunConfig, policy=None) -> None:
-    """Check names and values before anything heavy is imported or any file is written.
+def validate(cfg: RunConfig | Run, policy=None) -> Run:
+    """Check names and values before anything heavy is imported or any file is written; returns the
+    resolved run (the one place its task is built).
 
     `policy`: a policy object given instead of a name (`divla_eval.evaluate`); it is checked against
     the protocol, and `cfg.policy` is then only the name its records carry."""
@@ -142,10 +183,9 @@ def validate(cfg: RunConfig, policy=None) -> None:
         policy_factory,
         requires_checkpoint,
     )
-    from divla_eval.tasks import get_task
 
-    task = get_task(cfg.task, **cfg.task_options)
-    task.validate(cfg.split, cfg.difficulty)
+    resolved = cfg if isinstance(cfg, Run) else Run.resolve(cfg)
+    cfg, task = resolved.cfg, resolved.task
     _validate_values(cfg)
     if policy is not None:
         check_policy(policy, "the policy object")
@@ -154,7 +194,7 @@ def validate(cfg: RunConfig, policy=None) -> None:
                 "a policy object is already built: load its checkpoint and set its inference options "
                 "when making it, not with checkpoint= or policy_options="
             )
-        return
+        return resolved
     factory = policy_factory(cfg.policy)  # a built-in, a plugin or a module:factory path
     options = parse_policy_options(cfg.policy, cfg.policy_options)  # names and types
     if isinstance(factory, BuiltFromOptions) and cfg.checkpoint is None:
@@ -182,6 +222,7 @@ def validate(cfg: RunConfig, policy=None) -> None:
                 factory.check_inference_options(options, config)
             check_image_size(cfg.checkpoint, config, cfg.image_size)
             check_weights_file(Path(cfg.checkpoint) / "model.safetensors")
+    return resolved
 
 
 def _validate_values(cfg: RunConfig) -> None:
@@ -246,130 +287,6 @@ def check_weights_file(path: Path) -> None:
         raise DivlaEvalError(
             f"{path} is damaged: {size} bytes where its header describes {expected} (truncated copy?)"
         )
-
-
-def _latency_stats(latencies: list[float]) -> dict:
-    if not latencies:
-        return {}
-    arr = np.array(latencies) * 1000.0
-    return {
-        "n": len(arr),
-        "mean": float(arr.mean()),
-        "p50": float(np.percentile(arr, 50)),
-        "p95": float(np.percentile(arr, 95)),
-    }
-
-
-def run_episode(env, spec, policy, video_path: Path | None = None) -> dict:
-    """Run one episode; returns the outcome fields of its record (no I/O but the optional video)."""
-    from divla_eval.policy import HistoryPolicy, Observation, PrivilegedPolicy
-
-    env.reset(options={"episode": spec})
-    episode = env.episode
-    policy.reset(episode.instruction, spec.seed("policy"))
-    if isinstance(policy, PrivilegedPolicy):  # the scripted expert (`check_policy`: it says privileged)
-        policy.bind(env.sim, episode)
-    cams = policy.metadata.cameras
-    k = max(1, policy.metadata.execute_steps)
-    history = max(1, policy.metadata.obs_horizon) if isinstance(policy, HistoryPolicy) else 1
-    # A learned policy's reasoning is scored against the scripted expert's phrase for the same state.
-    # The expert runs in the shadow every step (its phase timers count steps), its actions discarded.
-    shadow = policy.metadata.reasoning and not policy.metadata.privileged
-    expert_text: str | None = None
-    latencies: list[float] = []
-    reasoning: list[dict] = []
-    frames: list[np.ndarray] = []
-    chunk, j = None, 0
-    info = {"success": False, "partial_score": 0.0}
-    terminated = truncated = False
-    while not (terminated or truncated):
-        if shadow:
-            expert_text = _shadow_reasoning(episode, env)
-        if chunk is None or j >= min(k, len(chunk.actions)):
-            obs = env.observe(cameras=cams)
-            images = {c: obs[c] for c in cams}
-            t0 = time.perf_counter()
-            oracle = expert_text if policy.metadata.oracle_reasoning else None
-            chunk = policy.infer(
-                Observation(images, obs["proprio"], obs["instruction"], env.embodiment, oracle)
-            )
-            latencies.append(time.perf_counter() - t0)
-            j = 0
-            # A learned policy's text is kept for every call (it is what gets scored); the expert,
-            # called every step, only when its phrase changes.
-            changed = not reasoning or reasoning[-1]["text"] != chunk.reasoning
-            if chunk.reasoning is not None and (changed or not policy.metadata.privileged):
-                entry = {"step": env.steps, "text": chunk.reasoning}
-                if expert_text is not None:
-                    entry["expert"] = expert_text
-                reasoning.append(entry)
-        terminated, truncated, info = env.advance(chunk.actions[j])
-        j += 1
-        # A policy conditioned on several consecutive steps (as it was trained) sees the steps just
-        # before its next call too, not only the calls `execute_steps` apart.
-        if history > 1 and not (terminated or truncated) and 0 < min(k, len(chunk.actions)) - j < history:
-            obs = env.observe(cameras=cams)
-            policy.observe(
-                Observation({c: obs[c] for c in cams}, obs["proprio"], obs["instruction"], env.embodiment)
-            )
-        if video_path is not None:
-            frames.append(_captioned(env.camera_image("front"), reasoning[-1]["text"] if reasoning else ""))
-    if video_path is not None:
-        _write_video(video_path, frames)
-    scores = reasoning_scores(reasoning)
-    return {
-        "success": bool(info["success"]),
-        "partial_score": float(info["partial_score"]),
-        "failure_mode": None if info["success"] else episode.failure_mode(env.sim),
-        "steps": env.steps,
-        "latency_ms": _latency_stats(latencies),
-        "reasoning_trace": reasoning,
-        "reasoning_accuracy": scores["exact"] if scores else None,
-        "reasoning_scores": scores,
-        "object_ids": list(episode.object_ids),
-        "instruction": episode.instruction,
-        "perturbations": list(env.perturbation_params),
-        "extra": dict(getattr(episode, "extra", {})),
-    }
-
-
-def _shadow_reasoning(episode, env) -> str | None:
-    """The expert's phrase for the current state, or None when the task has no expert or it fails
-    (scoring must never end an episode)."""
-    try:
-        return episode.expert(env.sim).reasoning
-    except Exception as exc:
-        raise_if_interrupted(exc)
-        return None
-
-
-VIDEO_WIDTH = 320
-
-
-def _captioned(frame: np.ndarray, text: str) -> np.ndarray:
-    """The frame scaled up to VIDEO_WIDTH (nearest neighbour: policy images are tiny) with the current
-    reasoning phrase written in a strip under it."""
-    import cv2
-
-    h, w = frame.shape[:2]
-    scale = max(1, VIDEO_WIDTH // w)
-    big = cv2.resize(frame, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-    strip = np.full((24, big.shape[1], 3), 255, dtype=np.uint8)
-    cv2.putText(strip, text[:60], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([big, strip], axis=0)
-
-
-def _write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
-    import cv2
-
-    if not frames:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
 
 
 @dataclass
@@ -480,25 +397,26 @@ REPRODUCIBILITY_NOTE = (
 )
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, policy=None, execution: dict | None = None) -> None:
+def prepare_run_dir(run: Run, run_dir: Path, policy=None, execution: dict | None = None) -> None:
     """Check that `run_dir` (made writable by `exclusive`, which holds it) belongs to this config and
     task version, and write its manifest if it has none. `policy`: a policy object, as for `run`.
     `execution`: this invocation's `execution_info`, appended to the manifest's `sessions` so that a
     resumed run says how each of its parts ran."""
     try:
-        _prepare_run_dir(cfg, run_dir, policy, execution)
+        _prepare_run_dir(run, run_dir, policy, execution)
     except OSError as exc:  # a full disk or a folder made read-only since the probe
         raise DivlaEvalError(
             f"cannot write {run_dir / 'manifest.json'}: {exc.strerror or exc}; nothing was run"
         ) from None
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, policy, execution: dict | None) -> None:
+def _prepare_run_dir(run: Run, run_dir: Path, policy, execution: dict | None) -> None:
     from divla_eval.device import DEVICE_ENV, describe_device
     from divla_eval.envs.objects import library_hash
-    from divla_eval.tasks import get_task, task_options
+    from divla_eval.tasks import task_options
 
-    config = cfg.as_dict()
+    cfg, task = run.cfg, run.task
+    config = run.as_dict()
     manifest = read_manifest(run_dir)
     if manifest is None:
         _check_orphan_records(run_dir)
@@ -507,7 +425,6 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, policy, execution: dict | No
     # the first N episodes of a longer run are the N already recorded. Fewer is still a mismatch.
     extends = isinstance(planned, int) and config["episodes"] > planned
     check_manifest_compatible(run_dir, {**config, "episodes": planned} if extends else config)
-    task = get_task(cfg.task, **cfg.task_options)
     if manifest is not None and manifest.get("task_version", task.version) != task.version:
         # A changed task (a fixed expert, a new scene) is another experiment: one directory, one
         # report, must not mix its episodes with the old version's.
@@ -521,8 +438,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, policy, execution: dict | No
             "run_id": uuid.uuid4().hex[:12],
             "task_version": task.version,
             "task_settings": {k: getattr(task, k) for k in task_options(cfg.task)},  # defaults included
-            # the budget episodes actually get (it can depend on the split and the difficulty)
-            "episode_max_steps": cfg.max_steps or task.max_steps_for(cfg.split, cfg.difficulty),
+            "episode_max_steps": run.max_steps,
             # where the policy ran (an execution detail, like threads: no part of the resume key)
             "device": describe_device(os.environ.get(DEVICE_ENV, "cpu")),
             "object_library_hash": library_hash(),
@@ -556,19 +472,19 @@ class EpisodeWorker:
     """Owns one env and one policy and runs episodes one at a time, in the main process or a worker.
 
     Each worker process has its own simulator and renderer (DESIGN.md: one MuJoCo renderer per process).
-    `policy`: a policy object to use instead of building `cfg.policy`, or in a worker process its
-    pickled bytes (`policy_for_workers`), so that each worker has its own copy.
+    `run`: the resolved run (its Task instance travels to worker processes with it). `policy`: a policy
+    object to use instead of building `cfg.policy`, or in a worker process its pickled bytes
+    (`policy_for_workers`), so that each worker has its own copy.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, video: bool, policy=None):
+    def __init__(self, run: Run, run_dir: Path, video: bool, policy=None):
         from divla_eval.device import DEVICE_ENV
         from divla_eval.envs.gym_env import ACTION_DIM
         from divla_eval.errors import UnknownNameError
         from divla_eval.policy import make_policy
-        from divla_eval.tasks import get_task
 
-        self.cfg, self.run_dir, self.video = cfg, run_dir, video
-        arms = len(get_task(cfg.task, **cfg.task_options).robots)
+        self.resolved, self.run_dir, self.video = run, run_dir, video
+        cfg = run.cfg
         if isinstance(policy, bytes):
             policy = _unpickle_policy(policy)
         if policy is not None:
@@ -578,7 +494,7 @@ class EpisodeWorker:
                 self.policy = _no_exit(make_policy, cfg.policy)(
                     cfg.policy,
                     cfg.checkpoint,
-                    action_dim=ACTION_DIM * arms,
+                    action_dim=ACTION_DIM * len(run.task.robots),
                     options=cfg.policy_options,
                     device=os.environ.get(DEVICE_ENV),  # set by `run`, like the thread share
                 )
@@ -597,19 +513,18 @@ class EpisodeWorker:
     def _make_env(self):
         from divla_eval.envs.gym_env import DivlaEnv
 
-        cfg = self.cfg
+        cfg = self.resolved.cfg
         return DivlaEnv(
-            task=cfg.task,
+            self.resolved.task,
             split=cfg.split,
             difficulty=cfg.difficulty,
             cameras=tuple(self.policy.metadata.cameras),
             image_size=cfg.image_size,
             max_steps=cfg.max_steps,
-            task_options=cfg.task_options,
             run_seed=cfg.seed,
         )
 
-    def run(self, spec) -> dict:
+    def run(self, spec) -> EpisodeOutcome:
         """Run one episode; a policy or simulator fault fails this episode (status "error"), not the run.
 
         A policy that calls `sys.exit` (SystemExit, which is no Exception) fails its episode too: it is
@@ -620,30 +535,16 @@ class EpisodeWorker:
         video_path = self.run_dir / "videos" / (spec.key.replace("/", "__") + ".mp4") if self.video else None
         try:
             outcome = run_episode(self.env, spec, self.policy, video_path)
-            outcome.update(status="ok", error=None)
         except (Exception, SystemExit) as exc:
             raise_if_interrupted(exc)
             if getattr(exc, "fatal", False):  # e.g. the policy server is gone: stop, keep what finished
                 raise
-            episode = self.env.episode
-            outcome = {
-                "success": False,
-                "partial_score": 0.0,
-                "failure_mode": "error",
-                "steps": self.env.steps,
-                "latency_ms": {},
-                "reasoning_trace": [],
-                "object_ids": list(episode.object_ids) if episode else [],
-                "instruction": episode.instruction if episode else "",
-                "perturbations": [{"name": n, "level": lvl} for n, lvl in spec.perturbations],
-                "status": "error",
-                "error": traceback.format_exc(),
-            }
+            outcome = EpisodeOutcome.failed(self.env, spec, traceback.format_exc())
             self.env.close()
             self.env = self._make_env()  # the old simulator may be in a broken state
-        outcome["wall_time_s"] = time.perf_counter() - t0
-        outcome["checkpoint_hash"] = self.policy.metadata.checkpoint_hash
-        outcome["policy_info"] = dict(self.policy.metadata.info)
+        outcome.wall_time_s = time.perf_counter() - t0
+        outcome.checkpoint_hash = self.policy.metadata.checkpoint_hash
+        outcome.policy_info = dict(self.policy.metadata.info)
         return outcome
 
     def close(self) -> None:
@@ -655,7 +556,7 @@ class EpisodeWorker:
 
 
 def run(
-    cfg: RunConfig,
+    cfg: RunConfig | Run,
     run_dir: Path,
     progress: bool = True,
     video: bool = False,
@@ -664,7 +565,8 @@ def run(
     policy=None,
     device: str = "auto",
 ) -> RunSummary:
-    """Run (or resume) every planned episode of `cfg`, appending records to run_dir/episodes.jsonl.
+    """Run (or resume) every planned episode of `cfg` (a config, or one `validate` has resolved),
+    appending records to run_dir/episodes.jsonl.
 
     Results do not depend on `workers`: every episode's seeds come from its name, and each record is
     written by this process as soon as its episode finishes. `threads`: torch threads per worker
@@ -685,7 +587,7 @@ def run(
     os.environ[TORCH_THREADS_ENV] = str(threads if threads is not None else DEFAULT_TORCH_THREADS)
     os.environ[DEVICE_ENV] = resolve_device(device)  # every worker process builds its policy there
 
-    validate(cfg, policy)
+    resolved = validate(cfg, policy)
     sent = policy
     if workers > 1:
         from divla_eval.parallel import check_spawn_safe
@@ -694,7 +596,7 @@ def run(
         if policy is not None:
             sent = policy_for_workers(policy)
     with exclusive(run_dir):
-        return _run_locked(cfg, run_dir, progress, video, workers, policy, sent)
+        return _run_locked(resolved, run_dir, progress, video, workers, policy, sent)
 
 
 DEFAULT_TORCH_THREADS = 1
@@ -775,7 +677,7 @@ def _unclaim(run_dir: Path) -> None:
 
 
 def _run_locked(
-    cfg: RunConfig,
+    run: Run,
     run_dir: Path,
     progress: bool,
     video: bool,
@@ -786,28 +688,27 @@ def _run_locked(
     from tqdm import tqdm
 
     from divla_eval.parallel import run_unordered
-    from divla_eval.tasks import get_task
 
+    cfg = run.cfg
     created = read_manifest(run_dir) is None
     store = EpisodeStore(run_dir / "episodes.jsonl")
     existing = store.load()
     done = {r.episode_key for r in existing}
-    plan = plan_episodes(cfg)
+    plan = run.plan()
     todo = [s for s in plan if s.key not in done]
     # a session is recorded when it has episodes to run (a finished run rerun is not one)
-    prepare_run_dir(cfg, run_dir, policy, execution_info(workers) if todo or created else None)
+    prepare_run_dir(run, run_dir, policy, execution_info(workers) if todo or created else None)
     manifest = read_manifest(run_dir)
-    task = get_task(cfg.task, **cfg.task_options)
     new_records: list[EpisodeRecord] = []
     successes = sum(r.success for r in existing)
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, unit="ep", desc=cfg.task)
     try:
-        outcomes = run_unordered(EpisodeWorker, (cfg, run_dir, video, sent), todo, workers, "episodes")
+        outcomes = run_unordered(EpisodeWorker, (run, run_dir, video, sent), todo, workers, "episodes")
         for spec, outcome in outcomes:
             record = EpisodeRecord(
                 run_id=manifest["run_id"],
                 task=cfg.task,
-                task_version=task.version,
+                task_version=run.task.version,
                 split=cfg.split,
                 difficulty=cfg.difficulty,
                 episode_index=spec.episode_index,
@@ -815,7 +716,7 @@ def _run_locked(
                 seed=spec.seed("scene"),
                 policy=cfg.policy,
                 policy_options=dict(cfg.policy_options),
-                **outcome,
+                **outcome.fields(),
             )
             _append(store, record, len(existing) + len(new_records))
             new_records.append(record)

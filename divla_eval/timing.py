@@ -307,9 +307,9 @@ class SceneObservations:
     def __init__(
         self, task: str = "bin_picking", split: str | None = None, episode_index: int = 0, seed: int = 0
     ):
-        from divla_eval.envs.gym_env import DivlaEnv
+        from divla_eval.tasks import make_env
 
-        self.env = DivlaEnv(task=task, split=_split(task, split), cameras=(), run_seed=seed)
+        self.env = make_env(task, split=_split(task, split), cameras=(), run_seed=seed)
         self.env.reset(options={"episode_index": episode_index})
         self._cache: dict[tuple[tuple[str, ...], int], Observation] = {}
 

@@ -1,13 +1,18 @@
 """The gymnasium face of a task: `gymnasium.make("divla_eval/BinPicking-v0")`.
 
+The env is handed a Task instance (`divla_eval.tasks.make_env` builds one from a registered name):
+dependencies point one way, tasks -> envs, and a run resolves its task once and passes it down.
+
 The runner uses the same class, with two extra entry points that keep rendering on demand:
-`advance(action)` steps physics and judges success without drawing anything, and `observe()` draws
-the cameras only when a policy call (or a video frame) consumes them. `step` is `advance` + `observe`.
+`advance(action)` steps physics and judges success without drawing anything (a `StepResult`), and
+`observe()` draws the cameras only when a policy call (or a video frame) consumes them. `step` is
+`advance` + `observe`.
 """
 
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 
 import gymnasium as gym
 import mujoco
@@ -92,8 +97,34 @@ def check_simulation(data) -> None:
             )
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """One `advance`: whether the episode ended (success, or the step budget spent) and the task's
+    judgement of the state reached."""
+
+    terminated: bool
+    """The task succeeded on this step."""
+    truncated: bool
+    """The step budget is spent without success."""
+    success: bool
+    partial_score: float
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
+
+def _resolve_perturbations(spec):
+    """(perturbation, level, params) of an episode, each drawn from the episode's own seed."""
+    return resolve(spec.perturbations, lambda name, level: spec.seed(f"perturb:{name}:{level}"))
+
+
+def _params(resolved) -> list[dict]:
+    return [{"name": p.name, "level": lvl, **params} for p, lvl, params in resolved]
+
+
 class DivlaEnv(gym.Env):
-    """A registered task as a gymnasium env.
+    """A task as a gymnasium env.
 
     Observation: a dict with one uint8 HxWx3 image per camera in `cameras`, `proprio` (per arm:
     end-effector position, rotation as two matrix columns, finger positions) and the `instruction`.
@@ -106,7 +137,7 @@ class DivlaEnv(gym.Env):
 
     def __init__(
         self,
-        task: str = "bin_picking",
+        task,
         split: str = "unseen",
         difficulty: str | None = None,
         perturbations: tuple[tuple[str, int], ...] = (),
@@ -114,13 +145,12 @@ class DivlaEnv(gym.Env):
         image_size: int = 84,
         max_steps: int | None = None,
         render_mode: str | None = None,
-        task_options: dict | None = None,
         run_seed: int = 0,
     ):
+        """`task`: a Task instance (`divla_eval.tasks.get_task(name, **options)`)."""
         from divla_eval.errors import DivlaEvalError
-        from divla_eval.tasks import get_task
 
-        self.task = get_task(task, **(task_options or {}))
+        self.task = task
         self.difficulty = difficulty if difficulty is not None else self.task.difficulties[0]
         self.task.validate(split, self.difficulty)
         self.perturbations = tuple(perturbations)
@@ -163,7 +193,6 @@ class DivlaEnv(gym.Env):
         """
         super().reset(seed=seed)
         from divla_eval.envs.tabletop import TabletopEnv
-        from divla_eval.tasks.base import EpisodeSpec
 
         options = options or {}
         spec = options.get("episode")
@@ -171,14 +200,13 @@ class DivlaEnv(gym.Env):
             index = options.get("episode_index")
             if index is None:
                 index = int(self.np_random.integers(0, 10_000))
-            spec = EpisodeSpec(
-                self.task.name, self.split, int(index), self.run_seed, self.difficulty, self.perturbations
-            )
+            spec = self.task.spec(self.split, int(index), self.run_seed, self.difficulty, self.perturbations)
+        self.episode = None  # until the new one is built: `perturbation_params_of` must not see the old
         self.episode = self.task.episode(spec)
         # the budget follows the episode (a sorting `hard` episode gets more steps than an `easy` one)
         self.max_steps = self._max_steps_override or self.task.max_steps_for(spec.split, spec.difficulty)
-        resolved = resolve(spec.perturbations, lambda name, level: spec.seed(f"perturb:{name}:{level}"))
-        self.perturbation_params = [{"name": p.name, "level": lvl, **params} for p, lvl, params in resolved]
+        resolved = _resolve_perturbations(spec)
+        self.perturbation_params = _params(resolved)
         builder = self.episode.builder
         extra = [obj for p, _lvl, params in resolved for obj in p.scene_objects(params)]
         if extra:
@@ -217,8 +245,13 @@ class DivlaEnv(gym.Env):
             self._renderer.upload_textures()
 
     def step(self, action):
-        terminated, truncated, info = self.advance(action)
-        return self.observe(), float(terminated), terminated, truncated, info
+        result = self.advance(action)
+        info = {
+            "success": result.success,
+            "partial_score": result.partial_score,
+            "episode": self.episode.spec.key,
+        }
+        return self.observe(), float(result.terminated), result.terminated, result.truncated, info
 
     def render(self):
         if self.render_mode == "rgb_array":
@@ -238,7 +271,7 @@ class DivlaEnv(gym.Env):
             self.sim = None
 
     # --- runner API --------------------------------------------------------------------------------------
-    def advance(self, action) -> tuple[bool, bool, dict]:
+    def advance(self, action) -> StepResult:
         """Step physics and judge the state; renders nothing."""
         action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         if not np.all(np.isfinite(action)):
@@ -247,8 +280,19 @@ class DivlaEnv(gym.Env):
         check_simulation(self.sim.sim.data._data)
         self.episode.on_step(self.sim)
         self.steps += 1
-        info = self._info()
-        return info["success"], self.steps >= self.max_steps and not info["success"], info
+        ev = self.episode.evaluate(self.sim)
+        success = bool(ev.success)
+        return StepResult(
+            success, self.steps >= self.max_steps and not success, success, float(ev.partial_score)
+        )
+
+    def perturbation_params_of(self, spec) -> list[dict]:
+        """The perturbations of episode `spec` with their parameters: this env's when `spec` is its
+        current episode, else drawn as `reset` draws them (a pure function of the spec's seeds), so that
+        an episode that failed before its scene was built is recorded with them all the same."""
+        if self.episode is not None and self.episode.spec == spec:
+            return list(self.perturbation_params)
+        return _params(_resolve_perturbations(spec))
 
     def observe(self, cameras: tuple[str, ...] | None = None) -> dict:
         cams = self.cameras if cameras is None else cameras

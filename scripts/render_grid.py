@@ -27,9 +27,8 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from divla_eval.envs.gym_env import DivlaEnv
     from divla_eval.envs.perturbations import PERTURBATIONS
-    from divla_eval.tasks import TASKS, get_task
+    from divla_eval.tasks import TASKS, get_task, make_env
     from divla_eval.tasks.base import EpisodeSpec
 
     columns = ["none", *PERTURBATIONS.names()]
@@ -38,7 +37,7 @@ def main() -> None:
     for row, name in enumerate(tasks):
         task = get_task(name)
         split, difficulty = task.splits[0], task.difficulties[0]
-        env = DivlaEnv(name, split, difficulty, cameras=("front",), image_size=args.size)
+        env = make_env(name, split, difficulty, cameras=("front",), image_size=args.size)
         for col, pert in enumerate(columns):
             perturbations = () if pert == "none" else ((pert, args.level),)
             spec = EpisodeSpec(name, split, 0, 0, difficulty, perturbations)

@@ -1,9 +1,12 @@
-"""The paper's evaluation tasks, one module each, registered by name.
+"""The paper's evaluation tasks, one module each, registered by name, each with its gymnasium id.
 
-Targets are lazy "module:attr" strings, so listing tasks imports no simulator.
+Targets are lazy "module:attr" strings, so listing tasks (or importing this package, which
+`import divla_eval` does to register the gymnasium ids) imports no simulator.
 """
 
 import dataclasses
+
+import gymnasium as gym
 
 from divla_eval.registry import Registry
 
@@ -33,6 +36,20 @@ TASKS.register(
     "divla_eval.tasks.multitask:MultiTask",
     description="five Franka tasks: select object, flip pot, cube to coloured box, cup on plate, cube in box",
 )
+
+
+#: The gymnasium id of every task: `gymnasium.make("divla_eval/BinPicking-v0", split="unseen")`.
+ENV_IDS = {
+    "divla_eval/BinPicking-v0": "bin_picking",
+    "divla_eval/Sorting-v0": "sorting",
+    "divla_eval/MultiTask-v0": "multitask",
+    "divla_eval/NovelInstruction-v0": "novel_instruction",
+    "divla_eval/Bussing-v0": "bussing",
+}
+
+for _env_id, _task in ENV_IDS.items():
+    if _env_id not in gym.registry:
+        gym.register(id=_env_id, entry_point="divla_eval.tasks:make_env", kwargs={"task": _task})
 
 
 #: Task fields that describe the task itself rather than a user-settable option.
@@ -66,3 +83,11 @@ def get_task(name: str, **options):
     task = TASKS.get(name)(**parse_task_options(name, options))
     task.check_options()
     return task
+
+
+def make_env(task: str = "bin_picking", task_options: dict | None = None, **env_kwargs):
+    """A `DivlaEnv` of a registered task by name (the gymnasium entry point, and robomimic's rebuild
+    from a demo file's `env_kwargs`); `env_kwargs` are DivlaEnv's (split, difficulty, cameras, ...)."""
+    from divla_eval.envs.gym_env import DivlaEnv
+
+    return DivlaEnv(get_task(task, **(task_options or {})), **env_kwargs)

@@ -102,6 +102,17 @@ class Task(ABC):
     @abstractmethod
     def episode(self, spec: EpisodeSpec) -> TaskEpisode: ...
 
+    def spec(
+        self,
+        split: str,
+        episode_index: int,
+        run_seed: int = 0,
+        difficulty: str | None = None,
+        perturbations: tuple[tuple[str, int], ...] = (),
+    ) -> EpisodeSpec:
+        """The name (and so the seeds) of episode `episode_index` of this task."""
+        return EpisodeSpec(self.name, split, episode_index, run_seed, difficulty, tuple(perturbations))
+
     def max_steps_for(self, split: str, difficulty: str | None = None) -> int:
         """Step budget of an episode of `split` at `difficulty` (tasks whose episodes differ in length
         override this)."""

@@ -13,10 +13,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from divla_eval.envs import ENV_IDS
-from divla_eval.envs.gym_env import DivlaEnv
 from divla_eval.envs.perturbations import PERTURBATIONS
-from divla_eval.tasks import TASKS, get_task
+from divla_eval.tasks import ENV_IDS, TASKS, get_task, make_env
 from divla_eval.tasks.base import EpisodeSpec
 
 TASK_NAMES = TASKS.names()
@@ -61,35 +59,35 @@ def test_task_passes_gymnasium_check_env(name):
 
 
 def _rollout(env, act, steps=None):
-    """Run `act(env)` until the episode ends (or `steps`); returns the last info."""
-    info = {"success": False}
+    """Run `act(env)` until the episode ends (or `steps`); returns the last StepResult."""
+    step = None
     for _ in range(steps or env.max_steps):
-        terminated, truncated, info = env.advance(act(env))
-        if terminated or truncated:
+        step = env.advance(act(env))
+        if step.done:
             break
-    return info
+    return step
 
 
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPERT else n for n in TASK_NAMES]
 )
 def test_expert_succeeds_and_random_does_not(name):
-    env = DivlaEnv(task=name, split=_default_split(name), cameras=())
+    env = make_env(task=name, split=_default_split(name), cameras=())
     try:
         env.reset(seed=0)
-        info = _rollout(env, lambda e: e.episode.expert(e.sim).action)
-        assert info["success"], env.episode.failure_mode(env.sim)
+        step = _rollout(env, lambda e: e.episode.expert(e.sim).action)
+        assert step.success, env.episode.failure_mode(env.sim)
         env.reset(seed=0)
         rng = np.random.default_rng(0)
-        info = _rollout(env, lambda e: rng.uniform(-1, 1, e.action_space.shape), steps=50)
-        assert not info["success"]
+        step = _rollout(env, lambda e: rng.uniform(-1, 1, e.action_space.shape), steps=50)
+        assert not step.success
     finally:
         env.close()
 
 
 @pytest.fixture(scope="module")
 def bin_env():
-    env = DivlaEnv(cameras=("front",), image_size=32)
+    env = make_env(cameras=("front",), image_size=32)
     yield env
     env.close()
 

@@ -76,7 +76,7 @@ def test_bimanual_env_args_describe_both_arms():
 
 def test_demo_replays_from_its_stored_initial_state(demo_file):
     """The stored initial state is the evaluation-style reset, and the actions reproduce the demo."""
-    from divla_eval.envs.gym_env import DivlaEnv
+    from divla_eval.tasks import make_env
     from divla_eval.tasks.base import EpisodeSpec
 
     path, _ = demo_file
@@ -86,7 +86,7 @@ def test_demo_replays_from_its_stored_initial_state(demo_file):
         states, actions = g["states"][:], g["actions"][:]
         first_images = {c: g[f"obs/{c}_image"][0] for c in ("front", "wrist")}
         seed = int(g.attrs["seed"])
-    env = DivlaEnv(**kwargs)
+    env = make_env(**kwargs)
     try:
         spec = EpisodeSpec("bin_picking", "seen", 1, 1000, kwargs["difficulty"], ())
         env.reset(options={"episode": spec})
@@ -98,8 +98,8 @@ def test_demo_replays_from_its_stored_initial_state(demo_file):
         for t, action in enumerate(actions):
             if t:
                 np.testing.assert_allclose(env.get_state(), states[t], atol=1e-6)
-            terminated, truncated, info = env.advance(action)
-        assert terminated and info["success"]
+            step = env.advance(action)
+        assert step.terminated and step.success
     finally:
         env.close()
 

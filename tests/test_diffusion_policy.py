@@ -161,8 +161,9 @@ def test_the_runner_hands_over_the_step_before_each_call():
 
         def advance(self, action):
             self.steps += 1
-            return False, self.steps >= 10, {"success": False, "partial_score": 0.0}
+            return StepResult(False, self.steps >= 10, False, 0.0)
 
+    from divla_eval.envs.gym_env import StepResult
     from divla_eval.runner import run_episode
 
     run_episode(Env(), SimpleNamespace(seed=lambda kind: 0), Recorder())

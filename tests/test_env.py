@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 import divla_eval.envs  # noqa: F401  (registers the gym ids)
-from divla_eval.envs.gym_env import DivlaEnv
 from divla_eval.envs.layout import TABLE_TOP_Z
+from divla_eval.tasks import make_env
 from divla_eval.tasks.base import EpisodeSpec
 from divla_eval.tasks.bin_picking import BASKET_POS, PANEL_CENTER
 
 
 @pytest.fixture(scope="module")
 def env():
-    e = DivlaEnv(task="bin_picking", split="unseen", cameras=(), max_steps=300)
+    e = make_env(task="bin_picking", split="unseen", cameras=(), max_steps=300)
     yield e
     e.close()
 
@@ -93,12 +93,12 @@ def test_success_predicate(env, where, expected):
 @pytest.mark.parametrize("index", [0, 14, 42, 52, 96])  # toy car, mug, L-block, lemon mesh, can mesh
 def test_scripted_expert_succeeds_on_unseen_objects(env, index):
     env.reset(options={"episode": _spec(index)})
-    info = {"success": False}
+    step = None
     for _ in range(env.max_steps):
-        terminated, truncated, info = env.advance(env.episode.expert(env.sim).action)
-        if terminated or truncated:
+        step = env.advance(env.episode.expert(env.sim).action)
+        if step.done:
             break
-    assert info["success"], env.episode.failure_mode(env.sim)
+    assert step.success, env.episode.failure_mode(env.sim)
     assert env.frames_rendered == 0  # nothing consumed an image, so nothing was drawn
 
 
@@ -107,13 +107,13 @@ def test_random_policy_does_not_succeed(env):
     for index in range(3):
         env.reset(options={"episode": _spec(index)})
         for _ in range(150):
-            terminated, _, info = env.advance(rng.uniform(-1, 1, 7))
-            assert not terminated
+            step = env.advance(rng.uniform(-1, 1, 7))
+            assert not step.terminated
         assert env.episode.failure_mode(env.sim) in ("no_grasp", "dropped", "outside_basket", "timeout")
 
 
 def test_images_change_with_the_scene_and_are_deterministic():
-    e = DivlaEnv(cameras=("front", "wrist"), image_size=48)
+    e = make_env(cameras=("front", "wrist"), image_size=48)
     try:
         o1, _ = e.reset(options={"episode": _spec(0)})
         o1b, _ = e.reset(options={"episode": _spec(0)})
@@ -126,7 +126,7 @@ def test_images_change_with_the_scene_and_are_deterministic():
 
 
 def test_named_variant_names_the_object_and_only_it_counts():
-    e = DivlaEnv(cameras=(), task_options={"variant": "named", "num_objects": 2})
+    e = make_env(cameras=(), task_options={"variant": "named", "num_objects": 2})
     try:
         e.reset(options={"episode": _spec(14)})
         featured = e.episode.specs[0]
@@ -153,7 +153,7 @@ def test_close_after_an_interrupted_hard_reset():
     # Ctrl-C (or SIGTERM) inside robosuite's hard reset can land in MjSim.free() (its gc.collect()
     # takes a while), before robosuite drops the freed sim; closing then must not raise over the
     # interrupt being handled (it did, seen on a SIGTERM)
-    e = DivlaEnv(task="bin_picking", split="unseen", cameras=())
+    e = make_env(task="bin_picking", split="unseen", cameras=())
     e.reset(options={"episode": _spec(0)})
     e.sim.sim.free()
     e.close()

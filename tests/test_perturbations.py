@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 
-from divla_eval.envs.gym_env import DivlaEnv
 from divla_eval.envs.perturbations import PERTURBATIONS
 from divla_eval.metrics import perturbation_drops, records_frame
 from divla_eval.records import EpisodeStore
 from divla_eval.runner import RunConfig, plan_episodes, run
-from divla_eval.tasks import TASKS, get_task
+from divla_eval.tasks import TASKS, get_task, make_env
 from divla_eval.tasks.base import EpisodeSpec
 
 ISSUE_PERTURBATIONS = ("distractors", "background", "lighting", "camera", "table")
@@ -17,7 +16,7 @@ NAMES = PERTURBATIONS.names()  # every registered perturbation, not a hand-writt
 
 @pytest.fixture(scope="module")
 def env():
-    e = DivlaEnv(cameras=("front", "wrist"), image_size=48)
+    e = make_env(cameras=("front", "wrist"), image_size=48)
     yield e
     e.close()
 
@@ -73,15 +72,15 @@ def test_params_are_deterministic_and_depend_on_level(env):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_expert_still_succeeds_under_highest_severity(name):
-    e = DivlaEnv(cameras=())
+    e = make_env(cameras=())
     try:
         e.reset(options={"episode": EpisodeSpec("bin_picking", "unseen", 14, perturbations=((name, 3),))})
-        info = {"success": False}
+        step = None
         for _ in range(e.max_steps):
-            terminated, truncated, info = e.advance(e.episode.expert(e.sim).action)
-            if terminated or truncated:
+            step = e.advance(e.episode.expert(e.sim).action)
+            if step.done:
                 break
-        assert info["success"], e.episode.failure_mode(e.sim)
+        assert step.success, e.episode.failure_mode(e.sim)
     finally:
         e.close()
 
@@ -136,7 +135,7 @@ def test_visual_perturbations_leave_the_expert_trajectory_bit_identical(task, sp
     """The scripted expert reads simulator state and renders nothing, and episode seeds exclude the
     perturbations: under background, lighting, camera and table changes its rollout must be exactly
     the unperturbed one. Distractors are the one perturbation that changes the expert's physics."""
-    e = DivlaEnv(task=task, split=split, difficulty=difficulty, cameras=())
+    e = make_env(task=task, split=split, difficulty=difficulty, cameras=())
     try:
         states = []
         for perturbations in ((), VISUAL):

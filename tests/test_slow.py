@@ -35,13 +35,12 @@ def test_sorting_expert_on_hard_piles_that_locked_the_arm(split, index, perturba
     and mixed 23, which version 3 failed chasing a car caught in the open fingers (GRASP_MAX_HEIGHT).
     Version 3's layout changed the older ones' scenes, so this guards the expert on hard piles rather
     than replaying the same scenes."""
-    from divla_eval.envs.gym_env import DivlaEnv
+    from divla_eval.tasks import make_env
     from divla_eval.tasks.base import EpisodeSpec
 
-    env = DivlaEnv(task="sorting", split=split, difficulty="hard", cameras=(), run_seed=0)
+    env = make_env(task="sorting", split=split, difficulty="hard", cameras=(), run_seed=0)
     env.reset(options={"episode": EpisodeSpec("sorting", split, index, 0, "hard", perturbations)})
-    done, info = False, {}
-    while not done:
-        terminated, truncated, info = env.advance(env.episode.expert(env.sim).action)
-        done = terminated or truncated
-    assert info["success"], env.episode.object_states(env.sim)
+    step = None
+    while step is None or not step.done:
+        step = env.advance(env.episode.expert(env.sim).action)
+    assert step.success, env.episode.object_states(env.sim)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import divla_eval.envs  # noqa: F401  (registers the gym ids)
-from divla_eval.envs.gym_env import DivlaEnv
 from divla_eval.envs.layout import TABLE_TOP_Z
+from divla_eval.tasks import make_env
 from divla_eval.tasks.base import EpisodeSpec
 from divla_eval.tasks.multitask import (
     BOX_SIZE,
@@ -22,7 +22,7 @@ from divla_eval.tasks.multitask import (
 
 @pytest.fixture(scope="module")
 def env():
-    e = DivlaEnv(task="multitask", split="cube_in_box", cameras=())
+    e = make_env(task="multitask", split="cube_in_box", cameras=())
     yield e
     e.close()
 
@@ -112,15 +112,15 @@ EXPERT_PHRASES = {
 def test_scripted_expert_succeeds(env, split):
     env.reset(options={"episode": _spec(split, 1)})
     episode = env.episode
-    phrases, info = [], {"success": False}
+    phrases = []
     for _ in range(env.max_steps):
         out = episode.expert(env.sim)
         if not phrases or phrases[-1] != out.reasoning:
             phrases.append(out.reasoning)
-        terminated, truncated, info = env.advance(out.action)
-        if terminated or truncated:
+        step = env.advance(out.action)
+        if step.done:
             break
-    assert info["success"], episode.failure_mode(env.sim)
+    assert step.success, episode.failure_mode(env.sim)
     assert env.steps <= MultiTask().max_steps_for(split) == SUBTASK_MAX_STEPS[split]
     fill = {"target": episode.parts[0].name, "colour": getattr(episode, "goal_colour", "")}
     assert phrases[: len(EXPERT_PHRASES[split])] == [p.format(**fill) for p in EXPERT_PHRASES[split]]
@@ -207,8 +207,8 @@ def test_lifting_another_object_is_wrong_object(env):
     ep = env.episode
     wrong = PickPlaceExpert(obj_index=1, goal_xy=tuple(env.sim.object_positions()[1][:2]), release_z=1.0)
     for _ in range(80):
-        terminated, _, _ = env.advance(wrong.act(env.sim))
-        assert not terminated
+        step = env.advance(wrong.act(env.sim))
+        assert not step.terminated
         if wrong.phase == "carry":
             break
     assert env.sim.grasping(1) and env.sim.object_aabb(1)[0][2] > TABLE_TOP_Z + 0.05
@@ -220,8 +220,8 @@ def test_random_actions_do_not_succeed(env):
     for split in SUBTASKS:
         env.reset(options={"episode": _spec(split, 7)})
         for _ in range(60):
-            terminated, _, _ = env.advance(rng.uniform(-1, 1, 7))
-            assert not terminated, split
+            step = env.advance(rng.uniform(-1, 1, 7))
+            assert not step.terminated, split
         assert env.episode.failure_mode(env.sim) in FAILURE_MODES[split]
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from divla_eval.envs.gym_env import DivlaEnv
 from divla_eval.envs.layout import TABLE_TOP_Z
+from divla_eval.tasks import make_env
 from divla_eval.tasks.base import EpisodeSpec
 from divla_eval.tasks.bin_picking import BASKET_POS
 from divla_eval.tasks.novel_instruction import OBJECTS, TEMPLATES, NovelInstruction
@@ -12,7 +12,7 @@ from divla_eval.tasks.novel_instruction import OBJECTS, TEMPLATES, NovelInstruct
 
 @pytest.fixture(scope="module")
 def env():
-    e = DivlaEnv(task="novel_instruction", split="novel", cameras=())
+    e = make_env(task="novel_instruction", split="novel", cameras=())
     yield e
     e.close()
 
@@ -33,7 +33,7 @@ def test_novel_templates_never_appear_in_training_split():
 def test_check_env_passes():
     from gymnasium.utils.env_checker import check_env
 
-    e = DivlaEnv(task="novel_instruction", split="novel", image_size=32)
+    e = make_env(task="novel_instruction", split="novel", image_size=32)
     try:
         check_env(e)
     finally:
@@ -44,16 +44,15 @@ def test_expert_follows_the_order(env):
     env.reset(options={"episode": _spec(22)})  # red pepper, then lemonade bottle
     ep = env.episode
     assert ep.instruction.index(OBJECTS[ep.first]) < ep.instruction.index(OBJECTS[ep.second])
-    info = {}
     reasoning = []
     for _ in range(env.max_steps):
         out = ep.expert(env.sim)
         if not reasoning or reasoning[-1] != out.reasoning:
             reasoning.append(out.reasoning)
-        terminated, truncated, info = env.advance(out.action)
-        if terminated or truncated:
+        step = env.advance(out.action)
+        if step.done:
             break
-    assert info["success"] and ep.entered == [ep.first, ep.second]
+    assert step.success and ep.entered == [ep.first, ep.second]
     assert reasoning[0] == f"the first object is the {OBJECTS[ep.first]}"
     assert f"the next object is the {OBJECTS[ep.second]}" in reasoning
 

@@ -6,15 +6,15 @@ import pytest
 
 import divla_eval.envs  # noqa: F401  (registers the gym ids)
 from divla_eval.envs import sorting_objects as library
-from divla_eval.envs.gym_env import DivlaEnv
 from divla_eval.envs.layout import TABLE_TOP_Z
+from divla_eval.tasks import make_env
 from divla_eval.tasks.base import EpisodeSpec
 from divla_eval.tasks.sorting import FAILURE_MODES, INSTRUCTION, PILE_CENTER, ZONES, choose_objects
 
 
 @pytest.fixture(scope="module")
 def env():
-    e = DivlaEnv(task="sorting", split="seen", difficulty="easy", cameras=())
+    e = make_env(task="sorting", split="seen", difficulty="easy", cameras=())
     yield e
     e.close()
 
@@ -139,7 +139,7 @@ def test_partial_score_counts_objects_in_their_own_area(env):
 
 
 def test_distractors_are_not_sorted():
-    e = DivlaEnv(
+    e = make_env(
         task="sorting", split="seen", difficulty="easy", cameras=(), perturbations=(("distractors", 1),)
     )
     try:
@@ -171,15 +171,15 @@ def test_object_off_the_table_is_dropped(env):
 def test_scripted_expert_sorts_everything(env, split):
     env.reset(options={"episode": _spec(_first_with(2, split), split)})
     names = [s.name for s in env.episode.specs]
-    trace, info = [], {"success": False}
+    trace = []
     for _ in range(env.max_steps):
         out = env.episode.expert(env.sim)
         if not trace or trace[-1] != out.reasoning:
             trace.append(out.reasoning)
-        terminated, truncated, info = env.advance(out.action)
-        if terminated or truncated:
+        step = env.advance(out.action)
+        if step.done:
             break
-    assert info["success"] and info["partial_score"] == 1.0, env.episode.failure_mode(env.sim)
+    assert step.success and step.partial_score == 1.0, env.episode.failure_mode(env.sim)
     assert env.steps < 400  # about 120 steps per object
     assert trace[0] in {f"the next object is the {n}" for n in names}
     for spec in env.episode.specs:
@@ -192,17 +192,17 @@ def test_random_actions_do_not_sort(env):
     rng = np.random.default_rng(0)
     env.reset(options={"episode": _spec(_first_with(3))})
     for _ in range(150):
-        terminated, _, info = env.advance(rng.uniform(-1, 1, 7))
-        assert not terminated
-    assert info["partial_score"] < 1.0
+        step = env.advance(rng.uniform(-1, 1, 7))
+        assert not step.terminated
+    assert step.partial_score < 1.0
     assert env.episode.failure_mode(env.sim) in FAILURE_MODES
 
 
 def test_step_budget_follows_the_episode_difficulty():
-    from divla_eval.envs.gym_env import DivlaEnv
+    from divla_eval.tasks import make_env
     from divla_eval.tasks.base import EpisodeSpec
 
-    env = DivlaEnv(task="sorting", split="seen", cameras=())  # built for `easy`
+    env = make_env(task="sorting", split="seen", cameras=())  # built for `easy`
     try:
         env.reset(options={"episode": EpisodeSpec("sorting", "seen", 0, 0, "hard")})
         assert env.max_steps == 3000
@@ -210,7 +210,7 @@ def test_step_budget_follows_the_episode_difficulty():
         assert env.max_steps == 1500
     finally:
         env.close()
-    env = DivlaEnv(task="sorting", split="seen", difficulty="hard", cameras=(), max_steps=7)
+    env = make_env(task="sorting", split="seen", difficulty="hard", cameras=(), max_steps=7)
     try:
         env.reset(options={"episode": EpisodeSpec("sorting", "seen", 0, 0, "hard")})
         assert env.max_steps == 7  # a user's --max-steps wins

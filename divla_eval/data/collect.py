@@ -147,30 +147,37 @@ class _Outcome:
 
 
 def _resolve(cfg: CollectConfig) -> CollectConfig:
+    return _resolve_with_task(cfg)[0]
+
+
+def _resolve_with_task(cfg: CollectConfig):
+    """(the config with its defaults filled in, its Task instance): the one build of the task, which
+    planning, the file's metadata and every collecting process are handed."""
     from divla_eval.tasks import get_task, parse_task_options
 
     task = get_task(cfg.task, **cfg.task_options)
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         cfg,
         difficulty=cfg.difficulty if cfg.difficulty is not None else task.difficulties[0],
         perturbations=tuple((str(n), int(lvl)) for n, lvl in cfg.perturbations),
         task_options=parse_task_options(cfg.task, cfg.task_options),
     )
+    return resolved, task
 
 
-def env_args(cfg: CollectConfig) -> dict:
-    """robomimic's env metadata: `env_kwargs` rebuild the env with `DivlaEnv(**env_kwargs)`.
+def env_args(cfg: CollectConfig, task=None) -> dict:
+    """robomimic's env metadata: `env_kwargs` rebuild the env with `divla_eval.tasks.make_env(**env_kwargs)`
+    (`task`: the config's Task instance when already built).
 
     Everything here decides what the demonstrations contain, so a resumed collection must match it
     exactly; the code revision and package versions are kept beside it, not in it, because they may
     legitimately move between sessions.
     """
-    from divla_eval.envs import ENV_IDS
     from divla_eval.envs.layout import CONTROL_FREQ, FRONT_CAMERA, WRIST_CAMERA
     from divla_eval.envs.objects import library_hash
-    from divla_eval.tasks import get_task, task_options
+    from divla_eval.tasks import ENV_IDS, get_task, task_options
 
-    task = get_task(cfg.task, **cfg.task_options)
+    task = task or get_task(cfg.task, **cfg.task_options)
     env_name = next((k for k, v in ENV_IDS.items() if v == cfg.task), cfg.task)
     return {
         "env_name": env_name,
@@ -225,9 +232,8 @@ def record_episode(env, spec) -> _Outcome:
     episode = env.episode
     steps: dict[str, list] = {k: [] for k in ("states", "front", "wrist", "proprio", "actions", "reasoning")}
     rewards: list[float] = []
-    terminated = truncated = False
-    info = {"success": False}
-    while not (terminated or truncated):
+    step = None
+    while step is None or not step.done:
         steps["states"].append(env.get_state())
         steps["front"].append(env.camera_image("front"))
         steps["wrist"].append(env.camera_image("wrist"))
@@ -236,9 +242,9 @@ def record_episode(env, spec) -> _Outcome:
         action = np.asarray(expert.action, dtype=np.float32)
         steps["actions"].append(action)
         steps["reasoning"].append(expert.reasoning)
-        terminated, truncated, info = env.advance(action)
-        rewards.append(1.0 if terminated else 0.0)
-    if not info["success"]:
+        step = env.advance(action)
+        rewards.append(1.0 if step.terminated else 0.0)
+    if not step.success:
         return _Outcome(spec, None, episode.failure_mode(env.sim))
     dones = np.zeros(len(rewards), dtype=np.int64)
     dones[-1] = 1
@@ -268,8 +274,11 @@ def record_episode(env, spec) -> _Outcome:
 class _Collector:
     """One env per process (DESIGN.md: one MuJoCo renderer per process)."""
 
-    def __init__(self, cfg: CollectConfig):
+    def __init__(self, cfg: CollectConfig, task=None):
+        from divla_eval.tasks import get_task
+
         self.cfg = cfg
+        self.task = task if task is not None else get_task(cfg.task, **cfg.task_options)
         self.env = self._make_env()
 
     def _make_env(self):
@@ -277,14 +286,13 @@ class _Collector:
 
         cfg = self.cfg
         return DivlaEnv(
-            task=cfg.task,
+            self.task,
             split=cfg.split,
             difficulty=cfg.difficulty,
             perturbations=cfg.perturbations,
             cameras=CAMERAS,
             image_size=cfg.image_size,
             max_steps=cfg.max_steps,
-            task_options=cfg.task_options,
             run_seed=cfg.seed,
         )
 
@@ -690,16 +698,14 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
     merged by the next run with the same arguments."""
     from tqdm import tqdm
 
-    from divla_eval.runner import check_parallelism, plan_episodes, validate
+    from divla_eval.runner import Run, check_parallelism, validate
     from divla_eval.safe_io import check_writable_dir
 
     out = Path(out)
     check_parallelism(workers)
-    cfg = _resolve(cfg)
-    run_cfg = cfg.run_config()
-    validate(run_cfg)
-    plan = plan_episodes(run_cfg)
-    args = env_args(cfg)
+    cfg, task = _resolve_with_task(cfg)
+    plan = validate(Run.resolve(cfg.run_config(), task)).plan()
+    args = env_args(cfg, task)
     _check_existing(out, args)
     try:
         check_writable_dir(out.parent, "directory")
@@ -741,7 +747,7 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
             return session
 
         try:
-            for _spec, outcome in run_unordered(_Collector, (cfg,), todo, workers, "demos"):
+            for _spec, outcome in run_unordered(_Collector, (cfg, task), todo, workers, "demos"):
                 if outcome.data is None:
                     journal.add_failure(outcome.spec.key, outcome.reason or "unknown")
                     failed[outcome.spec.key] = outcome.reason or "unknown"
