@@ -103,6 +103,41 @@ def test_policy_exception_marks_episode_error_and_run_continues(tmp_path, monkey
     assert any(r.status == "ok" for r in records)
 
 
+def test_an_error_record_has_the_fields_of_an_ok_record(tmp_path, monkeypatch):
+    """Both paths build one EpisodeOutcome: an error keeps the episode's objects, instruction and its
+    perturbations with their parameters, exactly as the ok episode of the same scene would."""
+    monkeypatch.setitem(POLICIES._targets, "exploding", _Exploding)
+    monkeypatch.setitem(POLICIES._descriptions, "exploding", "")
+    cfg = _cfg(policy="exploding", episodes=2, perturbations=(("lighting", 2),))
+    run(cfg, tmp_path / "a", progress=False)
+    run(_cfg(episodes=2, perturbations=(("lighting", 2),)), tmp_path / "b", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "a" / "episodes.jsonl").read_text().splitlines()]
+    ok = {
+        json.loads(line)["episode_key"]: json.loads(line)
+        for line in (tmp_path / "b" / "episodes.jsonl").open()
+    }
+    error = next(r for r in lines if r["status"] == "error")
+    assert set(error) == set(ok[error["episode_key"]])
+    for key in ("object_ids", "instruction", "perturbations"):
+        assert error[key] == ok[error["episode_key"]][key], key
+    assert error["perturbations"][0]["name"] == "lighting" and len(error["perturbations"][0]) > 2
+
+
+def test_envs_import_nothing_from_tasks():
+    """Dependencies point one way (tasks -> envs): the env is handed a Task instance."""
+    import ast
+    from pathlib import Path
+
+    import divla_eval.envs
+
+    for path in Path(divla_eval.envs.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("divla_eval.tasks"), path.name
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("divla_eval.tasks") for a in node.names), path.name
+
+
 def test_same_seed_gives_same_results(tmp_path):
     a = run(_cfg(episodes=2), tmp_path / "a", progress=False).records
     b = run(_cfg(episodes=2), tmp_path / "b", progress=False).records
