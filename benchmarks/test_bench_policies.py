@@ -1,5 +1,6 @@
 """Inference cost of every registered learned policy, and a reference matmul that the comparison
-step (benchmarks/compare.py) divides every median by, so that a slower or faster machine cancels.
+step (benchmarks/compare.py, rule in divla_eval/regression.py) divides every median by, so that a
+slower or faster machine cancels.
 
 Policies are built as `divla-eval bench` builds them (divla_eval.timing): the checkpoint the repository
 ships (DiVLA), else the untrained default config; one torch thread; the same rendered observation.
@@ -10,20 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from divla_eval.policy import POLICIES  # noqa: E402
+from divla_eval.regression import benchmarked_policies, reference_call  # noqa: E402
 from divla_eval.timing import SceneObservations, build_policy, image_size_of  # noqa: E402
 
 THREADS = 1
-
-
-def _learned(name: str) -> bool:
-    try:
-        return bool(getattr(POLICIES.get(name), "requires_checkpoint", False))
-    except ImportError:  # a registered policy that cannot be imported fails its own benchmark below
-        return True
-
-
-LEARNED = [n for n in POLICIES.names() if _learned(n)]
+LEARNED = (
+    benchmarked_policies()
+)  # also what tests/test_regression_gate.py expects results/bench_sim.json to hold
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +43,15 @@ def scene(policies):
 
 
 def test_reference_matmul(benchmark):
-    """512 x 512 float32 matmul on one thread: the yardstick for machine speed."""
-    torch.set_num_threads(THREADS)
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(512, 512, generator=g), torch.randn(512, 512, generator=g)
-    benchmark(torch.mm, a, b)
+    """512 x 512 float32 matmul on one thread: the yardstick for machine speed (the same call that
+    `divla-eval regression` times, `divla_eval.regression.reference_call`)."""
+    call, label = reference_call()
+    assert label.startswith("torch.mm")
+    benchmark(call)
 
 
 @pytest.mark.parametrize("name", LEARNED)
-def test_policy_infer(benchmark, policies, scene, name):
+def test_policy_infer(timed, policies, scene, name):
     policy = policies[name]
     if isinstance(policy, Exception):
         raise policy
@@ -66,5 +60,5 @@ def test_policy_infer(benchmark, policies, scene, name):
     policy.reset(obs.instruction, 0)
     for _ in range(3):  # warm-up
         policy.infer(obs)
-    chunk = benchmark(policy.infer, obs)
+    chunk = timed(policy.infer, obs)
     assert len(chunk.actions) >= 1

@@ -21,24 +21,24 @@ def env():
     e.close()
 
 
-def test_env_step_no_render(benchmark, env):
+def test_env_step_no_render(timed, env):
     action = np.array([0.1, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
-    benchmark(env.advance, action)
+    timed(env.advance, action)
     assert env.frames_rendered == 0
 
 
 @pytest.mark.parametrize("camera", ["front", "wrist"])
 @pytest.mark.parametrize("size", [84, 128])
-def test_camera_frame(benchmark, env, camera, size):
+def test_camera_frame(timed, env, camera, size):
     env.image_size = size
     env._renderer = None  # new size -> new renderer
     env.camera_image(camera)  # warm-up: context creation and texture upload
-    img = benchmark(env.camera_image, camera)
+    img = timed(env.camera_image, camera)
     assert img.shape == (size, size, 3) and img.std() > 5
 
 
 @pytest.mark.parametrize("camera", ["front", "wrist"])
-def test_camera_frame_robosuite_defaults(benchmark, camera):
+def test_camera_frame_robosuite_defaults(timed, camera):
     """Reference: full robot meshes, shadows, reflections and 4x multisampling, as robosuite draws them."""
     from divla_eval.envs.tabletop import TabletopEnv
 
@@ -59,7 +59,7 @@ def test_camera_frame_robosuite_defaults(benchmark, camera):
         return renderer.render()
 
     frame()
-    benchmark(frame)
+    timed(frame)
     renderer.close()
     sim.close()
     e.close()

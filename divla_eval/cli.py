@@ -139,7 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"divla-eval {_version()}", help="print the version and exit"
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_parser(sub)
+    _add_list_parser(sub)
+    _add_report_parser(sub)
+    _add_summary_parser(sub)
+    _add_tables_parser(sub)
+    _add_compare_parser(sub)
+    _add_collect_parser(sub)
+    _add_train_parser(sub)
+    _add_curve_parser(sub)
+    _add_serve_parser(sub)
+    _add_bench_parser(sub)
+    from divla_eval.experiments import add_parser as add_experiment_parser
 
+    add_experiment_parser(sub)  # `experiment`: its options and handler live in divla_eval/experiments.py
+    from divla_eval.regression import add_parser as add_regression_parser
+
+    add_regression_parser(sub)  # `regression`: its options and handler live in divla_eval/regression.py
+    return parser
+
+
+def _add_run_parser(sub) -> None:
+    """`divla-eval run`."""
     run = sub.add_parser("run", help="evaluate a policy on a task")
     run.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
     run.add_argument(
@@ -201,10 +222,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default: runs/TASK-[DIFFICULTY-]SPLIT-POLICY[-CHECKPOINT DIR NAME][-OPTIONS]-"
         "seedN; for several splits, OUT/SPLIT each)",
     )
-    run.add_argument("--video", action="store_true", help="write an mp4 of the front camera per episode")
+    run.add_argument(
+        "--video",
+        action="store_true",
+        help="write an H.264 MP4 of the front camera per episode (videos/TASK-SPLIT-epN.mp4; report.html)",
+    )
     run.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
     run.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
-    run.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="parallel simulators: local processes, or Ray actors with --backend ray",
+    )
+    from divla_eval.backends import BACKENDS
+
+    run.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="where episodes run: local processes (default) or ray actors (pip install 'divla-eval[ray]'; "
+        "docs/ray.md); the records are the same",
+    )
+    run.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --backend ray: the Ray cluster's head (`ray start --head`), 'auto' or ray://HOST:PORT "
+        "(default: RAY_ADDRESS, else a local cluster); recorded in the manifest",
+    )
     run.add_argument(
         "--threads",
         type=_positive_int,
@@ -215,30 +261,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_argument(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_list_parser(sub) -> None:
+    """`divla-eval list`."""
     lst = sub.add_parser("list", help="list registered tasks, policies, perturbations or objects")
     lst.add_argument("kind", choices=LIST_KINDS, help="what to list: " + ", ".join(LIST_KINDS))
     lst.add_argument("--objects", "--split", dest="split", default=None, help="object split (for `objects`)")
 
-    rep = sub.add_parser("report", help="write report.md and plots for a run directory")
+
+def _add_report_parser(sub) -> None:
+    """`divla-eval report`."""
+    rep = sub.add_parser(
+        "report", help="write report.md, success.png and a self-contained report.html for a run directory"
+    )
     rep.add_argument("run_dir", type=_path, help="a run directory (holds manifest.json and episodes.jsonl)")
 
+
+def _add_summary_parser(sub) -> None:
+    """`divla-eval summary`."""
     summ = sub.add_parser("summary", help="one success grid over every run directory under a folder")
     summ.add_argument("root", type=_path, help="folder holding run directories (searched recursively)")
     summ.add_argument("--out", type=_path, default=None, help="markdown file (default: ROOT/summary.md)")
 
+
+def _add_tables_parser(sub) -> None:
+    """`divla-eval tables`."""
     tab = sub.add_parser(
         "tables", help="the paper's result tables (every policy) from the runs under a folder"
     )
     tab.add_argument("root", type=_path, nargs="?", default=Path("results"), help="folder (default: results)")
-    tab.add_argument("--out", type=_path, default=None, help="markdown file (default: ROOT/paper_tables.md)")
+    tab.add_argument(
+        "--out",
+        type=_path,
+        default=None,
+        help="markdown file (default: ROOT/paper_tables.md); the HTML page goes beside it as .html",
+    )
     tab.add_argument(
         "--readme", type=_path, default=None, help="also rewrite the results table between its markers"
     )
 
+
+def _add_compare_parser(sub) -> None:
+    """`divla-eval compare`."""
     cmp_ = sub.add_parser("compare", help="two runs on the same episodes: paired rates and McNemar p")
     cmp_.add_argument("run_a", type=_path, help="the first run directory")
     cmp_.add_argument("run_b", type=_path, help="the second run directory (the same task, split and seed)")
 
+
+def _add_collect_parser(sub) -> None:
+    """`divla-eval collect`."""
     col = sub.add_parser("collect", help="record scripted-expert demonstrations to robomimic-style HDF5")
     col.add_argument("--task", default="bin_picking", help="registered task (see `divla-eval list tasks`)")
     col.add_argument(
@@ -263,9 +334,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument("--image-size", type=_positive_int, default=84, help="camera resolution (square)")
     col.add_argument("--max-steps", type=_positive_int, default=None, help="override the task's step limit")
-    col.add_argument("--workers", type=_positive_int, default=1, help="parallel simulator processes")
+    col.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="parallel simulators: local processes, or Ray actors with --backend ray",
+    )
+    from divla_eval.backends import BACKENDS
+
+    col.add_argument(
+        "--backend", choices=BACKENDS, default="local", help="where episodes run, as for `run` (docs/ray.md)"
+    )
+    col.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --backend ray: the cluster, as for `run`",
+    )
     col.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_train_parser(sub) -> None:
+    """`divla-eval train`."""
     tr = sub.add_parser("train", help="train a learned policy on `divla-eval collect` demonstrations")
     tr.add_argument("--policy", default="divla", help="trainable policy (default: divla)")
     tr.add_argument("--task", default=None, help="the task the demos must come from (checked when given)")
@@ -323,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_curve_parser(sub) -> None:
+    """`divla-eval curve`."""
     cur = sub.add_parser(
         "curve", help="learning curve: evaluate a training run's snapshots on a fixed grid, plot success"
     )
@@ -345,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_device_argument(cur)
 
+
+def _add_serve_parser(sub) -> None:
+    """`divla-eval serve`."""
     srv = sub.add_parser(
         "serve", help="serve a policy over openpi's websocket protocol (evaluate it with --policy remote)"
     )
@@ -381,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all)")
     _add_device_argument(srv)
 
+
+def _add_bench_parser(sub) -> None:
+    """`divla-eval bench`."""
     be = sub.add_parser("bench", help="time every policy's inference the same way (divla_eval.timing)")
     be.add_argument(
         "--policies",
@@ -426,7 +525,6 @@ def build_parser() -> argparse.ArgumentParser:
         "divla.*); prints them and writes profile.md",
     )
     be.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def _checkpoint_tag(checkpoint: str) -> str:
@@ -458,7 +556,7 @@ def _cmd_run(args) -> int:
     from divla_eval.metrics import wilson_interval
     from divla_eval.policy import default_policy, parse_policy_options
     from divla_eval.records import policy_label
-    from divla_eval.runner import RunConfig, run, validate
+    from divla_eval.runner import Run, RunConfig, run, validate
     from divla_eval.tasks import get_task, parse_task_options
 
     note = None
@@ -469,7 +567,8 @@ def _cmd_run(args) -> int:
         # `--policy mypkg.policies:MyPolicy` finds mypkg in the current directory, as `python -m` would
         # (a console script's path lacks it); appended, so it shadows nothing installed
         sys.path.append(str(Path.cwd()))
-    task = get_task(args.task)
+    task_options = parse_task_options(args.task, dict(args.task_option))
+    task = get_task(args.task, **task_options)  # the one build of the task; every run below is handed it
     splits = [args.split] if args.split is not None else list(task.default_splits)
     base = RunConfig(
         task=args.task,
@@ -482,39 +581,40 @@ def _cmd_run(args) -> int:
         checkpoint=args.checkpoint,
         image_size=args.image_size,
         max_steps=args.max_steps,
-        task_options=parse_task_options(args.task, dict(args.task_option)),
+        task_options=task_options,
         matched_control=args.matched_control,
         policy_options=parse_policy_options(args.policy, dict(args.policy_option)),
     )
     # several splits (multitask's sub-tasks): one run each, every one checked before the first starts
-    cfgs = [dataclasses.replace(base, split=split) for split in splits]
-    for cfg in cfgs:
-        validate(cfg)
+    runs = [validate(Run.resolve(dataclasses.replace(base, split=split), task)) for split in splits]
     from divla_eval.device import resolve_device
 
     device = resolve_device(args.device)
     if note:
         print(note, file=sys.stderr)
-    if len(cfgs) > 1:
+    if len(runs) > 1:
         print(
             f"note: {args.task} without --split runs each of its splits in turn ({', '.join(splits)}), one "
             "run directory each; --split NAME runs one",
             file=sys.stderr,
         )
-    for cfg in cfgs:
+    for resolved in runs:
+        cfg = resolved.cfg
         if args.out is None:
             out = _default_run_dir(cfg, task)
         else:
-            out = args.out / cfg.split if len(cfgs) > 1 else args.out
+            out = args.out / cfg.split if len(runs) > 1 else args.out
         try:
             summary = run(
-                cfg,
+                resolved,
                 out,
                 progress=not args.no_progress,
                 video=args.video,
                 workers=args.workers,
                 threads=args.threads,
                 device=device,
+                backend=args.backend,
+                ray_address=args.ray_address,
             )
         except KeyboardInterrupt:
             print(
@@ -533,8 +633,8 @@ def _cmd_run(args) -> int:
             f"errors {summary.errors}"
         )
         print(f"results: {out / 'episodes.jsonl'}  (report: divla-eval report {out})")
-    if len(cfgs) > 1 and args.out is not None:
-        print(f"all {len(cfgs)} splits in one grid: divla-eval summary {args.out}")
+    if len(runs) > 1 and args.out is not None:
+        print(f"all {len(runs)} splits in one grid: divla-eval summary {args.out}")
     return 0
 
 
@@ -574,6 +674,7 @@ def _cmd_report(args) -> int:
 
     path = write_report(args.run_dir)
     print(f"wrote {path}")
+    print(f"wrote {path.with_name('report.html')} (open it in a browser; no server needed)")
     return 0
 
 
@@ -591,8 +692,11 @@ def _cmd_tables(args) -> int:
 
     if args.readme is not None:
         read_readme(args.readme)  # a missing marker is refused before the runs are read
+    from divla_eval.html_report import tables_html_path
+
     path = write_paper_tables(args.root, args.out)
     print(f"wrote {path}")
+    print(f"wrote {tables_html_path(path)}")
     if args.readme is not None:
         print(f"updated the results table in {update_readme(args.readme, args.root)}")
     return 0
@@ -774,8 +878,12 @@ def _cmd_collect(args) -> int:
         max_steps=args.max_steps,
         task_options=parse_task_options(args.task, dict(args.task_option)),
     )
+    from divla_eval.backends import get_backend
+
+    backend = get_backend(args.backend, address=args.ray_address)
+    backend.connect(args.workers)  # an unreachable cluster: one line, before anything is written
     try:
-        s = collect(cfg, args.out, progress=not args.no_progress, workers=args.workers)
+        s = collect(cfg, args.out, progress=not args.no_progress, workers=args.workers, backend=backend)
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished demos are saved in {args.out} (or in {args.out}.partial/ until a "
@@ -792,7 +900,7 @@ def _cmd_collect(args) -> int:
     print(f"{s.samples} samples in {s.path}; ran {s.ran}, resumed past {s.skipped}")
     if s.new_demos and s.seconds > 0:
         rate = s.new_demos / s.seconds * 3600
-        workers = f"{args.workers} workers"
+        workers = f"{args.workers} {'Ray actors' if args.backend == 'ray' else 'workers'}"
         print(f"rate: {s.new_demos} new demos in {s.seconds:.0f} s = {rate:.0f} demos/hour ({workers})")
     return 0
 
@@ -949,6 +1057,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_regression(args) -> int:
+    from divla_eval.regression import cmd_regression
+
+    return cmd_regression(args)
+
+
+def _cmd_experiment(args) -> int:
+    from divla_eval.experiments import run_command
+
+    return run_command(args)
+
+
 def _stop_like_ctrl_c(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -976,6 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _cmd_bench,
             "serve": _cmd_serve,
             "curve": _cmd_curve,
+            "experiment": _cmd_experiment,
+            "regression": _cmd_regression,
         }[args.command](args)
     except DivlaEvalError as exc:
         print(f"divla-eval: error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ fields never depend on how its episode ended.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,10 +200,38 @@ class HistoryFeed:
 
 
 VIDEO_WIDTH = 320
+VIDEO_CODEC = "libx264"  # H.264 (High profile), yuv420p, in MP4: what every browser's <video> plays
+
+
+def video_name(episode_key: str) -> str:
+    """The file name of an episode's video (under the run's ``videos/``), from its episode key:
+    task, difficulty when there is one, split, perturbations when there are any, episode index, e.g.
+    ``multitask/flip_pot/-/none/00003`` -> ``multitask-flip_pot-ep00003.mp4`` and
+    ``sorting/unseen/hard/lighting:3+distractors:1/00012`` ->
+    ``sorting-hard-unseen-lighting3+distractors1-ep00012.mp4`` (the order of a run directory's name).
+    A key of another shape (older or foreign records) is kept whole, made safe for a file name."""
+    parts = episode_key.split("/")
+    if len(parts) == 5:
+        task, split, difficulty, perturbation, index = parts
+        words = [task, *([difficulty] if difficulty not in ("-", "") else []), split]
+        if perturbation not in ("none", ""):
+            words.append(perturbation.replace(":", ""))
+        name = "-".join(words) + f"-ep{index}"
+    else:
+        name = episode_key.replace("/", "-")
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", name) + ".mp4"
+
+
+def legacy_video_name(episode_key: str) -> str:
+    """The name videos had before `video_name` (MPEG-4 Part 2, which browsers do not play)."""
+    return episode_key.replace("/", "__") + ".mp4"
 
 
 class VideoRecorder:
-    """The front camera after every step, scaled up, with the current reasoning phrase under it."""
+    """The front camera after every step, scaled up, with the current reasoning phrase under it.
+
+    Written as H.264 in MP4 (yuv420p, even width and height, the index at the front of the file)
+    through PyAV, so that a browser plays it in the HTML report."""
 
     def __init__(self, path: Path | None, fps: int = 20):
         self.path, self.fps = path, fps
@@ -215,14 +244,29 @@ class VideoRecorder:
     def write(self) -> None:
         if self.path is None or not self.frames:
             return
-        import cv2
+        from divla_eval.safe_io import atomic_output
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        h, w = self.frames[0].shape[:2]
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
-        for frame in self.frames:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
+        with atomic_output(self.path, f"the video {self.path}") as tmp:
+            write_video(tmp, self.frames, self.fps)
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
+    """Encode RGB uint8 frames (all of one size) as H.264 MP4. An odd width or height is padded by
+    one edge pixel: yuv420p, the pixel format browsers decode, halves both in its chroma planes."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    pad = ((0, h % 2), (0, w % 2), (0, 0))
+    # one encoder thread, as torch gets one per worker: episodes in parallel, not threads in each
+    options = {"crf": "23", "preset": "veryfast", "threads": "1"}
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream(VIDEO_CODEC, rate=fps, options=options)
+        stream.width, stream.height = w + w % 2, h + h % 2
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            image = np.pad(frame, pad, mode="edge") if (h % 2 or w % 2) else frame
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), "rgb24")))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
 
 
 def captioned(frame: np.ndarray, text: str) -> np.ndarray:

@@ -17,8 +17,7 @@ import pandas as pd
 from divla_eval.metrics import success_table
 from divla_eval.report import load_runs, markdown_table, rate_text
 from divla_eval.safe_io import check_output_file, write_text
-
-MULTITASK_SUBTASKS = ("select_object", "flip_pot", "cube_to_colour_box", "cup_on_plate", "cube_in_box")
+from divla_eval.tasks.multitask import SUBTASKS as MULTITASK_SUBTASKS
 
 # The policies of the paper's comparisons (DiVLA without reasoning injection is TinyVLA's design; its
 # rows are the divla checkpoints trained with reasoning_injection=false), plus the two bounds.
@@ -156,33 +155,37 @@ def paper_tables(df: pd.DataFrame) -> list[tuple[PaperTable, pd.DataFrame]]:
     return out
 
 
-def write_paper_tables(root: Path, out: Path | None = None) -> Path:
-    """Write the paper's tables over every run under `root` as one markdown file."""
+def write_paper_tables(root: Path, out: Path | None = None, html: bool = True) -> Path:
+    """Write the paper's tables over every run under `root` as one markdown file and (unless `html`
+    is false) the same as a self-contained HTML page beside it, with a plot per table and a link to
+    each run directory's report (`html_report.tables_html_path`: ROOT/paper_tables.html by default)."""
     if out is not None:  # a directory or an unwritable folder is refused before the runs are read
         check_output_file(Path(out), "--out")
     df, run_dirs = load_runs(root)
     out = Path(out) if out is not None else Path(root) / "paper_tables.md"
-    lines = [
-        f"# The paper's tables, from the runs under {Path(root)}",
-        "",
+    title = f"The paper's tables, from the runs under {Path(root)}"
+    intro = (
         f"Rebuild with `divla-eval tables {root}` ({len(run_dirs)} run directories)."
         " Cells: successes/episodes"
         " = rate [Wilson 95% CI]; `-`: no episodes of that condition yet. Checkpoints are named"
         " folder@content hash; divla checkpoints whose name ends in `-noinj` were trained without"
         " reasoning injection (TinyVLA's design). Policies run with non-default inference options are"
-        " left out here (see `summary.md`).",
-        "",
-    ]
-    for table, frame in paper_tables(df):
+        " left out here (see `summary.md`)."
+    )
+    lines = [f"# {title}", "", intro, ""]
+    tables = paper_tables(df)
+    for table, frame in tables:
         lines += [f"## {table.title}", "", markdown_table(frame), ""]
         if table.note:
             lines += [f"{table.note[0].upper()}{table.note[1:]}.", ""]
-    speed = sorted(p for p in Path(root).rglob("speed.md") if p.is_file())
+    speed = [(p, _first_line(p, "Command: ")) for p in sorted(Path(root).rglob("speed.md")) if p.is_file()]
     lines += ["## Inference speed", ""]
-    lines += [f"- `{p}`: {_first_line(p, 'Command: ')}" for p in speed] or [
-        "- no `divla-eval bench` output yet"
-    ]
+    lines += [f"- `{p}`: {command}" for p, command in speed] or ["- no `divla-eval bench` output yet"]
     write_text(out, "\n".join(lines) + "\n")  # atomic: a full disk keeps the previous tables
+    if html:
+        from divla_eval.html_report import tables_html_path, write_tables_html
+
+        write_tables_html(tables_html_path(out), title, intro.replace("`", ""), tables, run_dirs, speed)
     return out
 
 

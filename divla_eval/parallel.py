@@ -1,8 +1,9 @@
 """Run episodes through one worker object per process, serially or in a spawned process pool.
 
-Shared by evaluation (`runner`) and demonstration collection (`data.collect`). Each process builds its
-own worker (one simulator, one renderer: DESIGN.md), and results come back to the caller, which alone
-writes files. Results do not depend on the number of workers because every episode's seeds come from
+Shared by evaluation (`runner`) and demonstration collection (`data.collect`), as the `local` backend
+of `divla_eval.backends` (whose `ray` backend runs the same workers on Ray actors). Each process builds
+its own worker (one simulator, one renderer: DESIGN.md), and results come back to the caller, which
+alone writes files. Results do not depend on the number of workers because every episode's seeds come from
 its name.
 
 Worker processes are spawned, so each one re-runs the main script without its

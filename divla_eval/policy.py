@@ -323,6 +323,11 @@ POLICIES.register(
     description="a policy served over openpi's websocket protocol (--policy-option url=ws://HOST:PORT)",
 )
 POLICIES.register(
+    "vla_eval_remote",
+    "divla_eval.remote.vla_eval_client:VlaEvalRemotePolicy",
+    description="a policy behind a vla-eval model server (--policy-option url=ws://HOST:PORT)",
+)
+POLICIES.register(
     "octo",
     "divla_eval.baselines.octo.policy:OctoPolicy",
     description="Octo baseline (2024): MiniLM + patch tokens, readout -> diffusion head (needs --checkpoint)",

@@ -1,4 +1,4 @@
-"""Turn a run directory into ``report.md`` and ``success.png``.
+"""Turn a run directory into ``report.md``, ``success.png`` and ``report.html``.
 
 The report is rebuilt from ``episodes.jsonl`` alone (plus the manifest for context), so it can be made
 at any time, including for a run that is still going or was interrupted.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,13 @@ def rate_text(successes: int, n: int) -> str:
     """``k/n = rate [Wilson 95% CI]``, the cell text of the comparison and paper tables."""
     lo, hi = wilson_interval(successes, n)
     return f"{successes}/{n} = {_pct(successes / n)} [{_pct(lo)}-{_pct(hi)}]"
+
+
+def parse_rate_text(text: str) -> tuple[int, int] | None:
+    """(successes, n) from a cell that starts with `rate_text`'s ``k/n = ``; None for any other cell
+    (``-``, ``not run``)."""
+    match = re.match(r"(\d+)/(\d+) = ", str(text))
+    return (int(match[1]), int(match[2])) if match and int(match[2]) > 0 else None
 
 
 def _rates_for_display(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
@@ -153,12 +162,12 @@ def _plot_success(table: pd.DataFrame, by: Sequence[str], path: Path) -> None:
 MAX_INSTRUCTION_ROWS = 60  # beyond this a per-instruction table is noise, not information
 
 
-def _drop_section(df: pd.DataFrame) -> list[str]:
-    """Paired drop per perturbation, when the run has matched controls."""
+def drop_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Paired drop per perturbation, when the run has matched controls (empty otherwise), for display."""
     drops = perturbation_drops(df)
     if drops.empty:
-        return []
-    shown = pd.DataFrame(
+        return pd.DataFrame()
+    return pd.DataFrame(
         {
             "perturbation": drops["perturbation"],
             "pairs": drops["pairs"],
@@ -170,16 +179,28 @@ def _drop_section(df: pd.DataFrame) -> list[str]:
             ],
         }
     )
+
+
+def _drop_section(shown: pd.DataFrame) -> list[str]:
+    if shown.empty:
+        return []
     return ["## Drop under perturbation (matched controls)", "", markdown_table(shown), ""]
 
 
-def _reasoning_section(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
+REASONING_NOTE = (
+    "Per policy call, the reasoning phrase against the scripted expert's phrase for the same state "
+    "(the expert runs in the shadow; its actions are discarded): `exact` the same phrase, `subtask` "
+    "the same first word (which phase), `object` the expert's object named."
+)
+
+
+def reasoning_table(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Reasoning accuracy (policy phrase == expert phrase for the same state, per call), split by
     outcome: a failure with right reasoning points at the motion, one with wrong reasoning at the
-    language side."""
+    language side. Empty when no episode was scored."""
     scored = df[df["reasoning_accuracy"].notna()]
     if scored.empty:
-        return []
+        return pd.DataFrame()
     table = (
         scored.assign(outcome=scored["success"].map({True: "success", False: "failure"}))
         .groupby([*by, "outcome"], dropna=False)
@@ -193,16 +214,13 @@ def _reasoning_section(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
     )
     for col in ("exact", "subtask", "object"):
         table[col] = [_pct(float(x)) for x in table[col]]
-    return [
-        "## Reasoning accuracy",
-        "",
-        "Per policy call, the reasoning phrase against the scripted expert's phrase for the same state "
-        "(the expert runs in the shadow; its actions are discarded): `exact` the same phrase, `subtask` "
-        "the same first word (which phase), `object` the expert's object named.",
-        "",
-        markdown_table(table),
-        "",
-    ]
+    return table
+
+
+def _reasoning_section(table: pd.DataFrame) -> list[str]:
+    if table.empty:
+        return []
+    return ["## Reasoning accuracy", "", REASONING_NOTE, "", markdown_table(table), ""]
 
 
 def load_run(run_dir: Path) -> list[EpisodeRecord]:
@@ -218,8 +236,30 @@ def load_run(run_dir: Path) -> list[EpisodeRecord]:
     return records
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write ``report.md`` and ``success.png`` into ``run_dir``; returns the report path."""
+@dataclass
+class ReportContent:
+    """What `report.md` and `report.html` show, computed once from a run's records: each table as the
+    frame both pages render (rates already formatted), empty when the section does not apply."""
+
+    run_dir: Path
+    records: list[EpisodeRecord]
+    manifest: dict | None
+    frame: pd.DataFrame  # records_frame(records)
+    by: list[str]
+    overall: pd.Series  # success_table(frame, []): n, successes, rate, CI, errors
+    summary: str
+    success: pd.DataFrame  # per group, for display
+    drops: pd.DataFrame
+    reasoning: pd.DataFrame
+    failure_modes: pd.DataFrame
+    per_object: pd.DataFrame
+    per_instruction: pd.DataFrame
+    timing: pd.DataFrame
+    plot_path: Path
+
+
+def report_content(run_dir: Path) -> ReportContent:
+    """Read a run directory and compute every table of its report (and write ``success.png``)."""
     run_dir = Path(run_dir)
     records = load_run(run_dir)
     manifest = read_manifest(run_dir)
@@ -230,73 +270,105 @@ def write_report(run_dir: Path) -> Path:
     if df["difficulty"].notna().any():
         by.insert(2, "difficulty")
     table = success_table(df, by)
-    overall = success_table(df, [])
+    o = success_table(df, []).iloc[0]
     plot_path = run_dir / "success.png"
     _plot_success(table, by, plot_path)
-
-    o = overall.iloc[0]
     summary = (
         f"{len(df)} episodes, run id(s): {', '.join(sorted(df['run_id'].astype(str).unique()))}. "
         f"Overall success {_pct(o['success_rate'])} ({int(o['successes'])}/{int(o['n'])}, "
         f"95% CI {_pct(o['ci_low'])} - {_pct(o['ci_high'])}); {int(o['errors'])} episode(s) errored "
         "and count as failures."
     )
+    modes = failure_modes(df, ["task", "policy"])
+    if not modes.empty:
+        modes = modes.assign(share=[_pct(s) for s in modes["share"]])
+    per_object = (
+        _rates_for_display(per_object_table(df), ["object_id"])
+        if df["object_id"].nunique() > 1
+        else pd.DataFrame()
+    )
+    per_instruction = (
+        _rates_for_display(per_instruction_table(df), ["instruction"])
+        if 1 < df["instruction"].nunique() <= MAX_INSTRUCTION_ROWS
+        else pd.DataFrame()
+    )
+    return ReportContent(
+        run_dir=run_dir,
+        records=records,
+        manifest=manifest,
+        frame=df,
+        by=by,
+        overall=o,
+        summary=summary,
+        success=_rates_for_display(table, by),
+        drops=drop_table(df),
+        reasoning=reasoning_table(df, by),
+        failure_modes=modes,
+        per_object=per_object,
+        per_instruction=per_instruction,
+        timing=_timing_table(df),
+        plot_path=plot_path,
+    )
+
+
+def write_report(run_dir: Path, html: bool = True) -> Path:
+    """Write ``report.md``, ``success.png`` and (unless `html` is false) the self-contained
+    ``report.html`` (see `divla_eval.html_report`) into ``run_dir``; returns the markdown path."""
+    content = report_content(run_dir)
+    run_dir, df, records = content.run_dir, content.frame, content.records
     lines = [
         f"# divla-eval report: {run_dir.name}",
         "",
-        summary,
+        content.summary,
         "",
         "## Run config",
         "",
-        *_config_bullets(manifest),
+        *_config_bullets(content.manifest),
         "",
         "## Success rate",
         "",
-        markdown_table(_rates_for_display(table, by)),
+        markdown_table(content.success),
         "",
-        f"![success rate per group]({plot_path.name})",
+        f"![success rate per group]({content.plot_path.name})",
         "",
-        *_drop_section(df),
-        *_reasoning_section(df, by),
+        *_drop_section(content.drops),
+        *_reasoning_section(content.reasoning),
         "## Failure modes",
         "",
     ]
-    modes = failure_modes(df, ["task", "policy"])
-    if modes.empty:
+    if content.failure_modes.empty:
         lines.append("No failures.")
     else:
-        modes = modes.assign(share=[_pct(s) for s in modes["share"]])
-        lines.append(markdown_table(modes))
+        lines.append(markdown_table(content.failure_modes))
     lines.append("")
-    if df["object_id"].nunique() > 1:
-        lines += [
-            "## Per object",
-            "",
-            markdown_table(_rates_for_display(per_object_table(df), ["object_id"])),
-            "",
-        ]
-    if 1 < df["instruction"].nunique() <= MAX_INSTRUCTION_ROWS:
-        lines += [
-            "## Per instruction",
-            "",
-            markdown_table(_rates_for_display(per_instruction_table(df), ["instruction"])),
-            "",
-        ]
-    lines += ["## Timing", "", markdown_table(_timing_table(df)), ""]
+    if not content.per_object.empty:
+        lines += ["## Per object", "", markdown_table(content.per_object), ""]
+    if not content.per_instruction.empty:
+        lines += ["## Per instruction", "", markdown_table(content.per_instruction), ""]
+    lines += ["## Timing", "", markdown_table(content.timing), ""]
     errors = df[df["status"] == "error"]
     if not errors.empty:
         by_key = {r.episode_key: r for r in records}
         lines += ["## Errored episodes", ""]
         for key in errors["episode_key"].head(20):
-            last = (by_key[key].error or "").strip().splitlines()[-1:] or ["(no traceback recorded)"]
-            lines.append(f"- `{key}`: {_cell(last[0])}")
+            lines.append(f"- `{key}`: {_cell(last_error_line(by_key[key]))}")
         if len(errors) > 20:
             lines.append(f"- ... and {len(errors) - 20} more (see episodes.jsonl)")
         lines.append("")
 
     report_path = run_dir / "report.md"
     write_text(report_path, "\n".join(lines))
+    if html:
+        from divla_eval.html_report import write_report_html
+
+        write_report_html(content)
     return report_path
+
+
+def last_error_line(record: EpisodeRecord) -> str:
+    """The last line of an errored episode's traceback (the exception), or a placeholder."""
+    last = (record.error or "").strip().splitlines()[-1:]
+    return last[0] if last else "(no traceback recorded)"
 
 
 # A table row never pools task versions or checkpoints (named folder@content hash): a cell mixing,
@@ -309,12 +381,21 @@ def _short_condition(label: str) -> str:
     return "visual (all four):3" if label == VISUAL_COMPOSED else label
 
 
-def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Every finished episode of every run directory under `root` (found by their episodes.jsonl).
+ARCHIVE = "archive"
+"""Run directories under a folder of this name (results/archive/) are records of models that are no
+longer shipped, so their runs can be neither reproduced nor extended: the tables of a folder above
+leave them out (`divla-eval summary results/archive` still shows them)."""
 
-    An episode that two runs share (the same episode key, task version, policy and checkpoint, e.g. a
-    matched control run twice) is counted once, so overlapping runs cannot inflate n. The same episode
-    under another task version is another experiment and is kept.
+
+def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Every finished episode of every run directory under `root` (found by their episodes.jsonl),
+    except those in an `archive` folder below `root`.
+
+    An episode that two runs share (the same episode key and scene seed, task version, policy and
+    checkpoint, e.g. a matched control run twice) is counted once, so overlapping runs cannot inflate
+    n. The same episode under another task version is another experiment and is kept; so is the same
+    episode name under another run seed (another scene), whose checkpoint label then says its seed, so
+    that it is a row of its own rather than pooled with the seed-0 scenes.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -323,18 +404,22 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
         )
     if not root.is_dir():
         raise DivlaEvalError(f"{root} is not a directory: it does not exist")
-    run_dirs = sorted(p.parent for p in root.rglob("episodes.jsonl"))
+    run_dirs = sorted(
+        p.parent for p in root.rglob("episodes.jsonl") if ARCHIVE not in p.relative_to(root).parts[:-1]
+    )
     if not run_dirs:
         raise DivlaEvalError(f"no run directories (with episodes.jsonl) under {root}")
     frames = [
-        records_frame(EpisodeStore(d / "episodes.jsonl").load()).assign(checkpoint=_checkpoint_name(d))
+        records_frame(EpisodeStore(d / "episodes.jsonl").load()).assign(checkpoint=_checkpoint_label(d))
         for d in run_dirs
     ]
     frames = [f for f in frames if not f.empty]
     if not frames:
         raise DivlaEvalError(f"the runs under {root} have no finished episodes yet")
     df = pd.concat(frames, ignore_index=True)
-    df = df.drop_duplicates(subset=["episode_key", "task_version", "policy", "checkpoint_hash"], keep="first")
+    df = df.drop_duplicates(
+        subset=["episode_key", "seed", "task_version", "policy", "checkpoint_hash"], keep="first"
+    )
     # A folder name is not an identity: the shipped checkpoint folder was overwritten by a retrained
     # model, and runs of both would share a row. The content hash tells them apart.
     hashes = df["checkpoint_hash"]
@@ -388,7 +473,19 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
 def _checkpoint_name(run_dir: Path) -> str:
     """The evaluated checkpoint's folder name, from the run's manifest ("-": none, e.g. scripted)."""
     checkpoint = ((read_manifest(run_dir) or {}).get("config") or {}).get("checkpoint")
-    return Path(checkpoint).name if checkpoint else "-"
+    if not checkpoint:
+        return "-"
+    path = Path(checkpoint)
+    if path.parent.name == "snapshots":  # a learning curve's snapshot: say whose
+        return f"{path.parent.parent.name}/{path.name}"
+    return path.name
+
+
+def _checkpoint_label(run_dir: Path) -> str:
+    """The checkpoint's folder name, with the run seed when it is not 0 (other scenes: another row)."""
+    seed = ((read_manifest(run_dir) or {}).get("config") or {}).get("seed", 0)
+    name = _checkpoint_name(run_dir)
+    return name if not seed else f"{name} (seed {seed})"
 
 
 def summary_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

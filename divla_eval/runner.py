@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from divla_eval.episode import EpisodeOutcome, run_episode
+from divla_eval.episode import EpisodeOutcome, run_episode, video_name
 from divla_eval.errors import DivlaEvalError, raise_if_interrupted
 from divla_eval.records import (
     EpisodeRecord,
@@ -532,7 +532,7 @@ class EpisodeWorker:
         would make one policy bug look like a finished run with no message (as it used to), and
         Ctrl-C (KeyboardInterrupt) still stops the run as before."""
         t0 = time.perf_counter()
-        video_path = self.run_dir / "videos" / (spec.key.replace("/", "__") + ".mp4") if self.video else None
+        video_path = self.run_dir / "videos" / video_name(spec.key) if self.video else None
         try:
             outcome = run_episode(self.env, spec, self.policy, video_path)
         except (Exception, SystemExit) as exc:
@@ -564,6 +564,8 @@ def run(
     threads: int | None = None,
     policy=None,
     device: str = "auto",
+    backend="local",
+    ray_address: str | None = None,
 ) -> RunSummary:
     """Run (or resume) every planned episode of `cfg` (a config, or one `validate` has resolved),
     appending records to run_dir/episodes.jsonl.
@@ -574,7 +576,11 @@ def run(
     instead of building `cfg.policy` (which then only names it in the records); with several workers
     each gets its own pickled copy. `device`: where learned policies run (`divla_eval.device`), like
     `threads` an execution detail: recorded in the manifest, no part of the resume key.
+    `backend`: where episodes run (`divla_eval.backends`): "local" processes, or "ray" actors (one per
+    worker) on a local cluster or the one at `ray_address`; the records are the same, and this process
+    writes them either way.
     """
+    from divla_eval.backends import get_backend
     from divla_eval.device import DEVICE_ENV, resolve_device
     from divla_eval.policy import TORCH_THREADS_ENV
 
@@ -583,20 +589,30 @@ def run(
     # made results depend on the worker count and the machine (same checkpoint and seed: 11/102 with 2
     # workers x 1 thread, 10/102 with 1 worker x 2 threads); it was also slow whenever other jobs share
     # the cores (8 DiVLA episodes: 44 s with 1 thread, 233 s with 2). The manifest records the threads.
-    check_parallelism(workers, threads)
+    on_ray = getattr(backend, "name", backend) == "ray"
+    check_parallelism(1 if on_ray else workers, threads)  # a cluster's capacity: checked on joining it
+    if on_ray and workers < 1:
+        raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
     os.environ[TORCH_THREADS_ENV] = str(threads if threads is not None else DEFAULT_TORCH_THREADS)
     os.environ[DEVICE_ENV] = resolve_device(device)  # every worker process builds its policy there
 
     resolved = validate(cfg, policy)
+    # a model in each Ray actor on CUDA reserves its share of the cluster's GPUs (a remote policy's
+    # model runs on its server, random and scripted ones need none)
+    in_actor_model = resolved.cfg.checkpoint is not None or policy is not None
+    gpus = "auto" if os.environ[DEVICE_ENV].startswith("cuda") and in_actor_model else None
+    backend = get_backend(backend, address=ray_address, gpus_per_actor=gpus)
     sent = policy
-    if workers > 1:
-        from divla_eval.parallel import check_spawn_safe
+    if workers > 1 or on_ray:
+        if not on_ray:
+            from divla_eval.parallel import check_spawn_safe
 
-        check_spawn_safe()  # before the run directory is touched
+            check_spawn_safe()  # before the run directory is touched
         if policy is not None:
             sent = policy_for_workers(policy)
+    backend.connect(workers)  # an unreachable cluster: one line, before the run directory is touched
     with exclusive(run_dir):
-        return _run_locked(resolved, run_dir, progress, video, workers, policy, sent)
+        return _run_locked(resolved, run_dir, progress, video, workers, policy, sent, backend)
 
 
 DEFAULT_TORCH_THREADS = 1
@@ -684,11 +700,13 @@ def _run_locked(
     workers: int,
     policy=None,
     sent: object = None,
+    backend=None,
 ) -> RunSummary:
     from tqdm import tqdm
 
-    from divla_eval.parallel import run_unordered
+    from divla_eval.backends import crashed_episode, get_backend
 
+    backend = get_backend(backend)
     cfg = run.cfg
     created = read_manifest(run_dir) is None
     store = EpisodeStore(run_dir / "episodes.jsonl")
@@ -697,13 +715,17 @@ def _run_locked(
     plan = run.plan()
     todo = [s for s in plan if s.key not in done]
     # a session is recorded when it has episodes to run (a finished run rerun is not one)
-    prepare_run_dir(run, run_dir, policy, execution_info(workers) if todo or created else None)
+    execution = {**execution_info(workers), **backend.info()} if todo or created else None
+    prepare_run_dir(run, run_dir, policy, execution)
     manifest = read_manifest(run_dir)
     new_records: list[EpisodeRecord] = []
     successes = sum(r.success for r in existing)
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), disable=not progress, unit="ep", desc=cfg.task)
+    outcomes = None
     try:
-        outcomes = run_unordered(EpisodeWorker, (run, run_dir, video, sent), todo, workers, "episodes")
+        outcomes = backend.run_unordered(
+            EpisodeWorker, (run, run_dir, video, sent), todo, workers, "episodes", on_crash=crashed_episode
+        )
         for spec, outcome in outcomes:
             record = EpisodeRecord(
                 run_id=manifest["run_id"],
@@ -724,6 +746,9 @@ def _run_locked(
             bar.update(1)
             bar.set_postfix(success=f"{successes / (len(existing) + len(new_records)):.0%}")
     except BaseException:
+        if outcomes is not None:  # stop the simulators now, not when the traceback is let go
+            with contextlib.suppress(Exception):
+                outcomes.close()
         if created and not existing and not new_records:
             _unclaim(run_dir)
         raise

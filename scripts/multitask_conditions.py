@@ -2,8 +2,10 @@
 
     .venv/bin/python scripts/multitask_conditions.py results/divla/multitask [--suffix -7k]
         [--against results/divla/multitask-noinj [--against-suffix S]] [--first N]
+    .venv/bin/python scripts/multitask_conditions.py divla-multitask --against openvla-multitask
 
-Reads PREFIX-<sub-task>[-<condition>3]SUFFIX/episodes.jsonl and prints, per sub-task and condition,
+Reads PREFIX-<sub-task>[-<condition>3]SUFFIX/episodes.jsonl, or, given an experiment's name
+(`divla-eval experiment ls`), its cells' result directories; prints, per sub-task and condition,
 successes with the mean per-episode reasoning accuracy (exact phrase; left out for a policy that
 writes none); the pooled row with Wilson 95% intervals; per condition the pooled reasoning accuracy
 and words per reasoning call; and each condition paired with the unperturbed episodes (same episode
@@ -19,11 +21,12 @@ import ast
 import sys
 from pathlib import Path
 
+from divla_eval.experiments import EXPERIMENTS, VISUAL_CONDITIONS, Cell, path
 from divla_eval.metrics import mcnemar_exact, wilson_interval
 from divla_eval.records import EpisodeStore
+from divla_eval.tasks.multitask import SUBTASKS
 
-SUBTASKS = ("select_object", "flip_pot", "cube_to_colour_box", "cup_on_plate", "cube_in_box")
-CONDITIONS = ("", "-distractors3", "-background3", "-lighting3")
+CONDITIONS = ("", *(f"-{c.name}" for c in VISUAL_CONDITIONS))  # in distribution, then the paper's three
 
 
 def _trace(record) -> list[dict]:
@@ -31,13 +34,23 @@ def _trace(record) -> list[dict]:
     return ast.literal_eval(trace) if isinstance(trace, str) else list(trace or [])
 
 
+def _cell_dir(prefix: str, suffix: str, sub: str, cond: str) -> Path:
+    """An experiment's result directory of the cell, or PREFIX-<sub-task><condition>SUFFIX."""
+    if prefix in EXPERIMENTS:
+        by_name = {f"-{c.name}": c for c in VISUAL_CONDITIONS}
+        return Path(
+            path(EXPERIMENTS.get(prefix), "result", Cell("multitask", sub, condition=by_name.get(cond)))
+        )
+    return Path(f"{prefix}-{sub}{cond}{suffix}")
+
+
 def _load(prefix: str, suffix: str, first: int | None = None) -> dict:
     runs = {}
     for sub in SUBTASKS:
         for cond in CONDITIONS:
-            path = Path(f"{prefix}-{sub}{cond}{suffix}") / "episodes.jsonl"
-            if path.exists():
-                records = EpisodeStore(path).load()
+            file = _cell_dir(prefix, suffix, sub, cond) / "episodes.jsonl"
+            if file.exists():
+                records = EpisodeStore(file).load()
                 runs[sub, cond] = {
                     r.episode_index: r for r in records if first is None or r.episode_index < first
                 }
@@ -64,7 +77,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("prefix")
+    parser.add_argument("prefix", help="PREFIX of the run directories, or an experiment's name")
     parser.add_argument("--suffix", default="")
     parser.add_argument("--against", help="another model's prefix, paired condition by condition")
     parser.add_argument("--against-suffix", default="")
@@ -72,6 +85,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.first is not None and args.first < 1:
         parser.error(f"--first must be a positive number of episodes, not {args.first}")
+    for name in (args.prefix, args.against):
+        exp = EXPERIMENTS.get(name) if name in EXPERIMENTS else None
+        if exp is not None and ("eval" not in exp.stages or exp.task != "multitask"):
+            parser.error(f"experiment {name} evaluates no multitask cells")
     runs = _load(args.prefix, args.suffix, args.first)
     if not runs:
         print(

@@ -1,30 +1,11 @@
 #!/usr/bin/env bash
-# The random policy, the lower bound of every paper table, on the same evaluation cells as the trained
-# policies (scripts/lib/recipes.sh), so that each table row has a chance level beside it. Some tasks
-# can be solved by chance (a pushed pot that falls upright counts as flipped); this row says how often.
-#
-#   [TASK=T] [STAGE=eval|eval-visual] [EPISODES=N] scripts/random_reference.sh
-#   TASK: bin_picking (default), multitask, sorting, bussing; STAGE: eval (default) or eval-visual
-#   (distractors, background and lighting at level 3); EPISODES=N per cell (default 100);
-#   WORKERS=N (default 2); CELLS="NAME ..." only those cells. Records go to
-#   results/random/TASK-CELL[-CONDITION3]; a rerun resumes.
+# The random policy, the lower bound of every paper table, on the same cells as the trained policies.
+# Now the experiments random-TASK (divla_eval/experiments.py):
+#   [TASK=T] [STAGE=eval|eval-visual] [EPISODES=N] [WORKERS=N] [CELLS="..."] scripts/random_reference.sh
+#   = divla-eval experiment random-TASK --stage STAGE [--episodes N] [--workers N] [--cells ...]
+#   TASK: bin_picking (default), multitask, sorting, bussing; records in results/random/TASK-CELL[-CONDITION3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/lib/recipes.sh
-task=${TASK:-bin_picking}
-stage=${STAGE:-eval}
-recipe "$task"
-case "$stage" in
-  eval)
-    for cell in "${cells[@]}"; do
-      run_cell "$task" "$cell" random - "results/random/$task-$(cell_name "$cell")"
-    done ;;
-  eval-visual)
-    for pert in "${VISUAL_CONDITIONS[@]}"; do
-      for cell in "${cells[@]}"; do
-        run_cell "$task" "$cell" random - "results/random/$task-$(cell_name "$cell")-${pert}3" \
-            --perturb "$pert:3"
-      done
-    done ;;
-  *) echo "STAGE must be eval or eval-visual, not '$stage'" >&2; exit 2 ;;
-esac
+# shellcheck disable=SC2086  # CELLS: one word per cell
+exec .venv/bin/divla-eval experiment "random-${TASK:-bin_picking}" --stage "${STAGE:-eval}" \
+    ${EPISODES:+--episodes "$EPISODES"} ${WORKERS:+--workers "$WORKERS"} ${CELLS:+--cells $CELLS} "$@"

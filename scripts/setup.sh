@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up divla-eval on a fresh Debian/Ubuntu machine with Python 3.10+ and pip.
 #   bash scripts/setup.sh          # runtime: EGL packages, .venv, the project with its models (CPU torch)
-#   bash scripts/setup.sh test     # the same plus what the tests need (pytest, ruff, nox, pytest-benchmark)
+#   bash scripts/setup.sh test     # the same plus what the tests need (pytest, ruff, nox, pytest-benchmark,
+#                                  # and Chromium, which renders the HTML report in its browser test)
 # Offscreen rendering uses MUJOCO_GL=egl on Mesa's llvmpipe, which needs these Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs="libegl1 libegl-mesa0 libgl1-mesa-dri"
+[ "${1:-}" = "test" ] && pkgs="$pkgs chromium"
 if ! dpkg -s $pkgs >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive

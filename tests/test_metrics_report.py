@@ -211,6 +211,29 @@ def test_summary_grid_over_run_dirs_counts_shared_episodes_once(tmp_path: Path) 
         write_summary(tmp_path / "missing")
 
 
+def test_summary_keeps_another_run_seed_apart_and_leaves_out_the_archive(tmp_path: Path) -> None:
+    """Same episode names under another run seed are other scenes: a row of their own, never deduplicated
+    against (or pooled with) the seed-0 run; runs in an `archive` folder are left out of the tables."""
+    from divla_eval.report import load_runs, write_summary
+
+    for name, seed, ok, offset in (("seed0", 0, True, 0), ("seed1000", 1000, False, 500)):
+        store = EpisodeStore(tmp_path / name / "episodes.jsonl")
+        for i in range(3):  # same keys, other scene seeds (as a run with --seed 1000 records them)
+            store.append(
+                dataclasses.replace(rec(i, success=ok, policy="divla", key=f"k{i}"), seed=i + offset)
+            )
+        manifest = {"config": {"checkpoint": "ckpts/divla-small", "seed": seed}}
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+    archived = EpisodeStore(tmp_path / "archive" / "old" / "episodes.jsonl")
+    archived.append(rec(0, success=True, policy="octo"))
+    text = write_summary(tmp_path).read_text()
+    assert "| divla | divla-small | 100.0% [43.9%-100.0%] n=3 |" in text
+    assert "| divla | divla-small (seed 1000) | 0.0% [0.0%-56.1%] n=3 |" in text
+    assert "octo" not in text
+    df, run_dirs = load_runs(tmp_path / "archive")  # shown when asked for
+    assert list(df["policy"]) == ["octo"] and run_dirs == [tmp_path / "archive" / "old"]
+
+
 def test_compare_pairs_episodes_and_gives_the_exact_mcnemar_p(tmp_path: Path) -> None:
     from divla_eval.metrics import mcnemar_exact
     from divla_eval.report import compare_runs

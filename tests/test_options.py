@@ -298,8 +298,8 @@ def fake_run(monkeypatch):
 
     calls = []
 
-    def run(cfg, out, **kwargs):
-        calls.append((cfg, Path(out)))
+    def run(resolved, out, **kwargs):
+        calls.append((resolved.cfg, Path(out)))
         records = [SimpleNamespace(success=False)]
         return SimpleNamespace(records=records, ran=1, skipped=0, errors=0)
 

@@ -87,7 +87,7 @@ def _octo():
 
 
 LEARNED = {"divla": _divla, "diffusion_policy": _diffusion_policy, "openvla": _openvla, "octo": _octo}
-OTHERS = {"random", "scripted", "remote"}
+OTHERS = {"random", "scripted", "remote", "vla_eval_remote"}
 
 
 @pytest.fixture
@@ -102,6 +102,29 @@ def loopback_server():
     server.stop()
 
 
+@pytest.fixture
+def vla_eval_server():
+    """A vla-eval model server (its PredictModelServer, random actions) on 127.0.0.1, stopped at the end;
+    it draws from the episode seed our client sends in `episode_start`'s task, as a seeded server would."""
+    pytest.importorskip("vla_eval", reason="vla-eval is not installed (pip install 'divla-eval[vla-eval]')")
+    from vla_eval.api import serve_background
+    from vla_eval.model_servers.predict import PredictModelServer
+
+    class Random(PredictModelServer):
+        seeds: dict = {}
+
+        async def on_episode_start(self, config, ctx):
+            await super().on_episode_start(config, ctx)
+            self.seeds[ctx.session_id] = int(config.get("task", {}).get("seed", 0))
+
+        def predict(self, obs, ctx):
+            rng = np.random.default_rng([self.seeds.get(ctx.session_id, 0), ctx.step])
+            return {"actions": rng.uniform(-1, 1, ACTION_DIM).astype(np.float32)}
+
+    with serve_background(Random(), host="127.0.0.1", port=0) as handle:
+        yield handle.url
+
+
 def _build(name: str, tmp_path, request):
     """(policy, checkpoint directory or None), built as `divla-eval run` builds it."""
     if name in LEARNED:
@@ -112,6 +135,9 @@ def _build(name: str, tmp_path, request):
     if name == "remote":
         server = request.getfixturevalue("loopback_server")
         return make_policy(name, action_dim=ACTION_DIM, options={"url": server.url}), None
+    if name == "vla_eval_remote":
+        url = request.getfixturevalue("vla_eval_server")
+        return make_policy(name, action_dim=ACTION_DIM, options={"url": url}), None
     return make_policy(name, action_dim=ACTION_DIM), None
 
 

@@ -302,43 +302,4 @@ def test_bench_profile_prints_and_writes_the_stage_table(tmp_path, capsys):
     assert "--profile" in md and "load average" in md and "1 thread(s)" in md and "| total |" in md
 
 
-# --- benchmarks/compare.py: medians in units of the reference matmul --------------------------------------
-@pytest.fixture(scope="module")
-def compare_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
-    spec = importlib.util.spec_from_file_location("bench_compare", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _bench_json(path, medians: dict[str, float]):
-    import json
-
-    path.write_text(
-        json.dumps({"benchmarks": [{"name": n, "stats": {"median": m}} for n, m in medians.items()]})
-    )
-    return path
-
-
-def test_a_uniformly_slower_machine_passes_and_a_relative_slowdown_fails(compare_script, tmp_path, capsys):
-    ref = compare_script.REFERENCE
-    base = _bench_json(tmp_path / "base.json", {ref: 1.0, "step": 8.0, "infer": 60.0, "gone": 1.0})
-    slower_machine = _bench_json(tmp_path / "a.json", {ref: 2.0, "step": 16.0, "infer": 150.0, "new": 1.0})
-    assert compare_script.main([str(slower_machine), str(base)]) == 0  # infer 1.25x: within 1.5x
-    out = capsys.readouterr().out
-    assert "only in baseline" in out and "only in new run" in out
-    regressed = _bench_json(tmp_path / "b.json", {ref: 2.0, "step": 16.0, "infer": 200.0})
-    assert compare_script.main([str(regressed), str(base)]) == 1  # 1.67x relative to the matmul
-    assert "FAIL" in capsys.readouterr().out
-    assert compare_script.main([str(regressed), str(base), "--tolerance", "2"]) == 0
-
-
-def test_without_a_reference_in_the_baseline_nothing_is_compared(compare_script, tmp_path, capsys):
-    base = _bench_json(tmp_path / "base.json", {"step": 8.0})
-    new = _bench_json(tmp_path / "new.json", {compare_script.REFERENCE: 1.0, "step": 80.0})
-    assert compare_script.main([str(new), str(base)]) == 0
-    assert "nothing can be compared" in capsys.readouterr().out
+# benchmarks/compare.py (the speed gate) is tested in tests/test_regression_gate.py.

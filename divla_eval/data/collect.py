@@ -54,8 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
+from divla_eval.backends import get_backend
 from divla_eval.errors import DivlaEvalError, raise_if_interrupted
-from divla_eval.parallel import run_unordered
 
 CAMERAS = ("front", "wrist")
 DEFAULT_SEED = 1000
@@ -690,7 +690,14 @@ def _read_done(out: Path) -> tuple[dict[str, int], dict[str, str]]:
         return demos, json.loads(data.attrs.get("failed_episodes", "{}"))
 
 
-def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int = 1) -> CollectSummary:
+def collect(
+    cfg: CollectConfig,
+    out: Path,
+    progress: bool = True,
+    workers: int = 1,
+    backend="local",
+    ray_address: str | None = None,
+) -> CollectSummary:
     """Record (or resume recording) every planned episode of `cfg` into `out`.
 
     Nothing is lost or duplicated whatever stops it: finished demos are journalled one file each (see
@@ -747,7 +754,17 @@ def collect(cfg: CollectConfig, out: Path, progress: bool = True, workers: int =
             return session
 
         try:
-            for _spec, outcome in run_unordered(_Collector, (cfg, task), todo, workers, "demos"):
+            # `backend`: "local" processes or "ray" actors (`divla_eval.backends`), or one already
+            # joined (the CLI joins before anything is written); the demos are the same either way
+            outcomes = get_backend(backend, address=ray_address).run_unordered(
+                _Collector,
+                (cfg, task),
+                todo,
+                workers,
+                "demos",
+                on_crash=lambda spec, why: _Outcome(spec, None, f"error: {why}"),
+            )
+            for _spec, outcome in outcomes:
                 if outcome.data is None:
                     journal.add_failure(outcome.spec.key, outcome.reason or "unknown")
                     failed[outcome.spec.key] = outcome.reason or "unknown"

@@ -249,12 +249,6 @@ def _info(url: str, server: dict) -> dict:
     return {"url": url, "server": server, "seeded": bool(server.get("seeded", False))}
 
 
-def _info(url: str, server: dict) -> dict:
-    """What the records say about where actions came from: the URL, the server's metadata, and whether
-    sampling was seeded per episode (only servers that honour our episode marker are)."""
-    return {"url": url, "server": server, "seeded": bool(server.get("seeded", False))}
-
-
 def check_options(options: dict) -> None:
     """Refuse what cannot work before anything connects (the runner's validation calls this)."""
     url = options.get("url")
