@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from divla_eval.errors import DivlaEvalError
+from divla_eval.options import positive_int as _positive_int
 
 EXIT_USAGE = 2
 LIST_KINDS = ("tasks", "policies", "perturbations", "objects")
@@ -22,16 +23,6 @@ LIST_KINDS = ("tasks", "policies", "perturbations", "objects")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         self.exit(EXIT_USAGE, f"divla-eval: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _path(text: str) -> Path:

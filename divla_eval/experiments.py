@@ -54,6 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from divla_eval.errors import DivlaEvalError
+from divla_eval.options import positive_int as _positive_int
 from divla_eval.registry import Registry
 from divla_eval.tasks.multitask import SUBTASKS
 
@@ -790,16 +791,6 @@ def run(exp: Experiment, stages: Iterable[str], o: Overrides = Overrides(), dry_
 
 
 # --- the command line ----------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -154,3 +154,16 @@ def parse_options(values: dict, types_: dict[str, Any], *, kind: str, owner: str
             raise unknown_option(kind, key, types_, owner)
         parsed[key] = parse_value(value, types_[key], kind=kind, key=key, owner=owner)
     return parsed
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts (--episodes, --workers, ...): a positive integer or argparse's error."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
