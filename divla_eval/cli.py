@@ -869,12 +869,15 @@ def _cmd_collect(args) -> int:
         max_steps=args.max_steps,
         task_options=parse_task_options(args.task, dict(args.task_option)),
     )
-    from divla_eval.backends import get_backend
-
-    backend = get_backend(args.backend, address=args.ray_address)
-    backend.connect(args.workers)  # an unreachable cluster: one line, before anything is written
     try:
-        s = collect(cfg, args.out, progress=not args.no_progress, workers=args.workers, backend=backend)
+        s = collect(
+            cfg,
+            args.out,
+            progress=not args.no_progress,
+            workers=args.workers,
+            backend=args.backend,
+            ray_address=args.ray_address,
+        )
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished demos are saved in {args.out} (or in {args.out}.partial/ until a "

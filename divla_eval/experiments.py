@@ -750,7 +750,10 @@ def _run_stage(exp: Experiment, stage: str, steps: list[Step], o: Overrides) -> 
             _, src, dst = step.command
             if not Path(src).is_file():
                 raise DivlaEvalError(f"{src} is missing: nothing to copy to {dst}")
-            shutil.copy2(src, dst)
+            from divla_eval.safe_io import atomic_output
+
+            with atomic_output(Path(dst)) as tmp:  # a read-only or full target: one line, not a traceback
+                shutil.copy2(src, tmp)
             continue
         code, lines = _call(_argv(step), capture=bool(step.rate_row))
         if code != 0:
@@ -762,7 +765,6 @@ def _run_stage(exp: Experiment, stage: str, steps: list[Step], o: Overrides) -> 
     if rates:
         from divla_eval.safe_io import write_text
 
-        Path(exp.rates_table).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(exp.rates_table), "\n".join(rates) + "\n")
         print(f"wrote {exp.rates_table}")
     return 0

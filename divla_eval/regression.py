@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shlex
 import shutil
 import statistics
@@ -53,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from divla_eval.errors import CorruptFileError, DivlaEvalError
-from divla_eval.metrics import wilson_interval
+from divla_eval.options import positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
 """The checkout: the grid's checkpoints and results live there (the package is installed editable)."""
@@ -82,6 +81,8 @@ def rate_change_interval(k0: int, n0: int, k1: int, n1: int, z: float = Z) -> tu
     if n0 < 1 or n1 < 1:
         raise DivlaEvalError(f"a success rate needs at least one episode; got n={n0} and n={n1}")
     p0, p1 = k0 / n0, k1 / n1
+    from divla_eval.metrics import wilson_interval  # metrics imports pandas: not at CLI start-up
+
     l0, u0 = wilson_interval(k0, n0, z)
     l1, u1 = wilson_interval(k1, n1, z)
     d = p1 - p0
@@ -510,10 +511,12 @@ def run_cell(cell: Cell, out: Path, episodes: int, workers: int, resume: bool) -
     """A fresh run by default: resuming would skip episodes and compare the old code's results."""
     if out.exists() and not resume:
         shutil.rmtree(out)
-    # one torch thread per worker, as the baselines were made (the thread count changes float sums,
-    # hence actions); the caller's setting wins
-    env = {**os.environ, "DIVLA_EVAL_TORCH_THREADS": os.environ.get("DIVLA_EVAL_TORCH_THREADS", "1")}
-    subprocess.run(grid_command(cell, out, episodes, workers), check=True, cwd=ROOT, env=env)
+    # `divla-eval run` uses one torch thread per worker by default, as the baselines were made
+    code = subprocess.run(grid_command(cell, out, episodes, workers), cwd=ROOT).returncode
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise DivlaEvalError(f"cell {cell.name}: `divla-eval run` exited with code {code} (output above)")
 
 
 def compare_cells(baseline: dict, results: dict[str, CellResult]) -> tuple[list[Row], list[str]]:
@@ -550,6 +553,8 @@ def compare_cells(baseline: dict, results: dict[str, CellResult]) -> tuple[list[
 
 def grid_baseline(results: dict[str, CellResult], commands: dict[str, str]) -> dict:
     cells = {}
+    from divla_eval.metrics import wilson_interval
+
     for name, r in results.items():
         low, high = wilson_interval(r.successes, r.episodes)
         cells[name] = {
@@ -585,8 +590,10 @@ def grid_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, default=ROOT / "results" / "regression_baseline.json")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "regression", help="run directories")
     ap.add_argument("--cells", default=None, help="comma-separated cell names (default: all)")
-    ap.add_argument("--episodes", type=int, default=None, help="override every cell's count (smoke test)")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--episodes", type=positive_int, default=None, help="override every cell's count (smoke test)"
+    )
+    ap.add_argument("--workers", type=positive_int, default=1)
     ap.add_argument("--resume", action="store_true", help="keep finished episodes in --out")
     ap.add_argument("--no-run", action="store_true", help="only compare the run directories in --out")
     ap.add_argument("--update", action="store_true", help="write the results as the new baseline")
@@ -615,6 +622,9 @@ def grid_main(argv: list[str] | None = None) -> int:
     except DivlaEvalError as exc:
         print(f"regression: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nregression: interrupted (--resume keeps the finished episodes)", file=sys.stderr)
+        return 130
 
     if args.update:
         from divla_eval.safe_io import write_text
@@ -622,7 +632,6 @@ def grid_main(argv: list[str] | None = None) -> int:
         # cells left out of this run (--cells) keep their stored values
         new = grid_baseline(results, commands)
         new["cells"] = {**baseline.get("cells", {}), **new["cells"]}
-        args.baseline.parent.mkdir(parents=True, exist_ok=True)
         write_text(args.baseline, json.dumps(new, indent=2) + "\n")
         print(f"wrote {args.baseline}")
         return 0

@@ -590,8 +590,10 @@ def run(
     # workers x 1 thread, 10/102 with 1 worker x 2 threads); it was also slow whenever other jobs share
     # the cores (8 DiVLA episodes: 44 s with 1 thread, 233 s with 2). The manifest records the threads.
     on_ray = getattr(backend, "name", backend) == "ray"
-    check_parallelism(1 if on_ray else workers, threads)  # a cluster's capacity: checked on joining it
-    if on_ray and workers < 1:
+    # the thread count here; the worker count by the backend when it connects (4 per local core; a
+    # Ray cluster's CPUs)
+    check_parallelism(1, threads)
+    if workers < 1:
         raise DivlaEvalError(f"--workers must be a positive integer, got {workers}")
     os.environ[TORCH_THREADS_ENV] = str(threads if threads is not None else DEFAULT_TORCH_THREADS)
     os.environ[DEVICE_ENV] = resolve_device(device)  # every worker process builds its policy there

@@ -20,7 +20,7 @@ import numpy as np
 from gymnasium import spaces
 
 from divla_eval.envs.layout import FRONT_CAMERA, TABLE_TOP_Z, WRIST_CAMERA, WRIST_CAMERA_LEFT
-from divla_eval.envs.perturbations import AppearanceSnapshot, resolve
+from divla_eval.envs.perturbations import AppearanceSnapshot, for_episode, params_of
 
 CAMERAS = {"front": FRONT_CAMERA, "wrist": WRIST_CAMERA, "wrist_left": WRIST_CAMERA_LEFT}
 PROPRIO_DIM = 11  # per arm: position 3, rotation 6 (two matrix columns), fingers 2
@@ -114,15 +114,6 @@ class StepResult:
         return self.terminated or self.truncated
 
 
-def _resolve_perturbations(spec):
-    """(perturbation, level, params) of an episode, each drawn from the episode's own seed."""
-    return resolve(spec.perturbations, lambda name, level: spec.seed(f"perturb:{name}:{level}"))
-
-
-def _params(resolved) -> list[dict]:
-    return [{"name": p.name, "level": lvl, **params} for p, lvl, params in resolved]
-
-
 class DivlaEnv(gym.Env):
     """A task as a gymnasium env.
 
@@ -201,12 +192,14 @@ class DivlaEnv(gym.Env):
             if index is None:
                 index = int(self.np_random.integers(0, 10_000))
             spec = self.task.spec(self.split, int(index), self.run_seed, self.difficulty, self.perturbations)
-        self.episode = None  # until the new one is built: `perturbation_params_of` must not see the old
+        # until the new episode is built, nothing of the last one may be read (an error record of this
+        # one must not carry its step count or perturbation parameters)
+        self.episode, self.steps, self.perturbation_params = None, 0, []
         self.episode = self.task.episode(spec)
         # the budget follows the episode (a sorting `hard` episode gets more steps than an `easy` one)
         self.max_steps = self._max_steps_override or self.task.max_steps_for(spec.split, spec.difficulty)
-        resolved = _resolve_perturbations(spec)
-        self.perturbation_params = _params(resolved)
+        resolved = for_episode(spec)
+        self.perturbation_params = params_of(resolved)
         builder = self.episode.builder
         extra = [obj for p, _lvl, params in resolved for obj in p.scene_objects(params)]
         if extra:
@@ -292,7 +285,7 @@ class DivlaEnv(gym.Env):
         an episode that failed before its scene was built is recorded with them all the same."""
         if self.episode is not None and self.episode.spec == spec:
             return list(self.perturbation_params)
-        return _params(_resolve_perturbations(spec))
+        return params_of(for_episode(spec))
 
     def observe(self, cameras: tuple[str, ...] | None = None) -> dict:
         cams = self.cameras if cameras is None else cameras

@@ -230,6 +230,18 @@ PERTURBATIONS.register(
 )
 
 
+def for_episode(spec) -> list[tuple[Perturbation, int, dict]]:
+    """(perturbation, level, params) of an episode, each drawn from the episode's own seed: a pure
+    function of its spec, the same in the env that applies them and in a record of an episode whose
+    simulator never built it."""
+    return resolve(spec.perturbations, lambda name, level: spec.seed(f"perturb:{name}:{level}"))
+
+
+def params_of(resolved) -> list[dict]:
+    """The record form of resolved perturbations: `{"name", "level", **params}` each."""
+    return [{"name": p.name, "level": lvl, **params} for p, lvl, params in resolved]
+
+
 def resolve(perturbations, seed_for) -> list[tuple[Perturbation, int, dict]]:
     """(perturbation, level, params) for each requested (name, level); params from `seed_for(name, level)`."""
     from divla_eval.errors import DivlaEvalError

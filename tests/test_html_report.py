@@ -52,6 +52,7 @@ class Browser:
                 "--no-sandbox",  # root in a container has no user namespace for the sandbox
                 "--disable-gpu",
                 "--no-first-run",
+                "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
                 f"--user-data-dir={self.profile}",
                 "--window-size=1280,1000",
@@ -67,15 +68,20 @@ class Browser:
                 self.close()
                 pytest.fail(f"{CHROMIUM} did not start its DevTools endpoint")
             time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
-            pages = json.load(resp)
-        url = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
-        self.ws = connect(url, max_size=None, open_timeout=10)
-        self.next_id = 0
-        self.events: list[dict] = []
-        for domain in ("Runtime", "Log", "Page"):
-            self.call(f"{domain}.enable")
+        self.ws = None
+        try:  # whatever fails from here, the browser process must not outlive the test
+            port = int(port_file.read_text().split()[0])
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+                pages = json.load(resp)
+            url = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
+            self.ws = connect(url, max_size=None, open_timeout=10)
+            self.next_id = 0
+            self.events: list[dict] = []
+            for domain in ("Runtime", "Log", "Page"):
+                self.call(f"{domain}.enable")
+        except BaseException:
+            self.close()
+            raise
 
     def _receive(self) -> dict:
         message = json.loads(self.ws.recv(timeout=30))

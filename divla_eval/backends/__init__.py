@@ -62,6 +62,11 @@ class LocalBackend(Backend):
 
     name = "local"
 
+    def connect(self, workers: int = 1) -> None:
+        from divla_eval.runner import check_parallelism
+
+        check_parallelism(workers)  # at most 4 simulator processes per core
+
     def run_unordered(self, factory, args, items, workers, what, on_crash=None):
         from divla_eval.parallel import run_unordered
 
@@ -107,15 +112,10 @@ def crashed_episode(spec, reason: str):
     """The outcome of an episode whose simulator process died under it, twice (a Ray actor: a policy
     calling `os._exit`, a segfault, the OOM killer, a lost node): an `error`, counted as a failure,
     with the reason and what the episode's spec alone gives (its perturbations' parameters)."""
+    from divla_eval.envs.perturbations import for_episode, params_of
     from divla_eval.episode import EpisodeOutcome
 
-    perturbations: list[dict] = []
-    try:  # a pure function of the spec's seeds, as `DivlaEnv.perturbation_params_of` draws them
-        from divla_eval.envs.gym_env import _params, _resolve_perturbations
-
-        perturbations = _params(_resolve_perturbations(spec))
-    except Exception:
-        pass
+    perturbations = params_of(for_episode(spec))  # a pure function of the spec (validated before the run)
     return EpisodeOutcome(failure_mode="error", perturbations=perturbations, status="error", error=reason)
 
 

@@ -209,7 +209,11 @@ class RayBackend(Backend):
             check_reachable(address)
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address == "local":
-            # every actor needs its CPU, as every local worker process gets one
+            # this machine's simulators: the local backend's cap (4 per core, ~600 MB each), and every
+            # actor gets its CPU, as every local worker process does
+            from divla_eval.runner import check_parallelism
+
+            check_parallelism(workers)
             kwargs["num_cpus"] = max(os.cpu_count() or 1, workers)
         else:
             _token_auth_if_token()

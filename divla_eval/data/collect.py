@@ -47,6 +47,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class _Outcome:
     data: dict | None
     """Per-step arrays and attributes of a successful episode; None when it failed."""
     reason: str | None = None
+    crashed: bool = False
+    """The process running it died (a lost Ray node, the OOM killer): not the expert's failure, so it is
+    not journalled and the next session collects the episode again."""
 
 
 def _resolve(cfg: CollectConfig) -> CollectConfig:
@@ -705,13 +709,15 @@ def collect(
     merged by the next run with the same arguments."""
     from tqdm import tqdm
 
-    from divla_eval.runner import Run, check_parallelism, validate
+    from divla_eval.runner import Run, validate
     from divla_eval.safe_io import check_writable_dir
 
     out = Path(out)
-    check_parallelism(workers)
+    backend = get_backend(backend, address=ray_address)  # an unknown name, or Ray missing: one line
     cfg, task = _resolve_with_task(cfg)
     plan = validate(Run.resolve(cfg.run_config(), task)).plan()
+    # the worker count, and an unreachable cluster: one line, before anything is written
+    backend.connect(workers)
     args = env_args(cfg, task)
     _check_existing(out, args)
     try:
@@ -754,18 +760,19 @@ def collect(
             return session
 
         try:
-            # `backend`: "local" processes or "ray" actors (`divla_eval.backends`), or one already
-            # joined (the CLI joins before anything is written); the demos are the same either way
-            outcomes = get_backend(backend, address=ray_address).run_unordered(
+            # "local" processes or "ray" actors (`divla_eval.backends`): the demos are the same either way
+            outcomes = backend.run_unordered(
                 _Collector,
                 (cfg, task),
                 todo,
                 workers,
                 "demos",
-                on_crash=lambda spec, why: _Outcome(spec, None, f"error: {why}"),
+                on_crash=lambda spec, why: _Outcome(spec, None, f"error: {why}", crashed=True),
             )
             for _spec, outcome in outcomes:
-                if outcome.data is None:
+                if outcome.crashed:
+                    print(f"{outcome.spec.key}: {outcome.reason}; left for the next run", file=sys.stderr)
+                elif outcome.data is None:
                     journal.add_failure(outcome.spec.key, outcome.reason or "unknown")
                     failed[outcome.spec.key] = outcome.reason or "unknown"
                 else:
