@@ -46,8 +46,17 @@ class RemoteTimeout(RuntimeError):
     """The server did not answer a call in time; that episode is an error, the run goes on."""
 
 
-def _connect(url: str, connect_timeout: float, max_size: int | None = None):
-    """(connection, metadata), retrying refused connections until `connect_timeout` has passed."""
+def open_websocket(
+    url: str,
+    connect_timeout: float,
+    max_size: int | None = None,
+    server: str = "policy server",
+    hint: str = "",
+):
+    """A websocket connection to `url`, retrying refused connections (a server still loading its model)
+    with back-off until `connect_timeout` has passed; sends `DIVLA_EVAL_API_KEY` when it is set. Every
+    failure is one line: a bad URL, HTTP 401 or another status, or no server in time (`RemoteServerGone`,
+    with `hint` saying how to start one). Shared by the openpi and the vla-eval clients."""
     from websockets.exceptions import InvalidStatus, InvalidURI
     from websockets.sync.client import connect
 
@@ -57,32 +66,40 @@ def _connect(url: str, connect_timeout: float, max_size: int | None = None):
     delay = 0.1
     while True:
         try:
-            conn = connect(
+            return connect(
                 url,
                 open_timeout=max(0.5, min(10.0, deadline - time.monotonic())),
                 compression=None,
                 max_size=max_size,
                 additional_headers=headers,
             )
-            break
         except InvalidURI as exc:
             raise DivlaEvalError(f"policy option url={url!r} is not a websocket URL ({exc})") from None
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 401:
                 raise DivlaEvalError(
-                    f"the policy server at {url} refused the API key: set {API_KEY_ENV} to its key"
+                    f"the {server} at {url} refused the API key: set {API_KEY_ENV} to its key"
                 ) from None
-            raise DivlaEvalError(f"the policy server at {url} answered HTTP {status}") from None
+            raise DivlaEvalError(f"the {server} at {url} answered HTTP {status}") from None
         except (OSError, TimeoutError) as exc:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RemoteServerGone(
-                    f"cannot reach the policy server at {url} within {connect_timeout:g} s ({exc}); "
-                    "start it with `divla-eval serve ...` and rerun (finished episodes are kept)"
+                    f"cannot reach the {server} at {url} within {connect_timeout:g} s ({exc}); {hint}"
                 ) from None
             time.sleep(min(delay, remaining))
             delay = min(2.0, delay * 2)
+
+
+def _connect(url: str, connect_timeout: float, max_size: int | None = None):
+    """(connection, metadata): openpi's server sends its metadata frame first."""
+    conn = open_websocket(
+        url,
+        connect_timeout,
+        max_size,
+        hint="start it with `divla-eval serve ...` and rerun (finished episodes are kept)",
+    )
     try:
         first = conn.recv(timeout=connect_timeout)
     except Exception as exc:

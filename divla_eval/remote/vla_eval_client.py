@@ -21,7 +21,7 @@ import numpy as np
 
 from divla_eval.errors import DivlaEvalError
 from divla_eval.policy import ActionChunk, Observation, PolicyMetadata
-from divla_eval.remote.client import RemoteInferenceError, RemoteServerGone, RemoteTimeout
+from divla_eval.remote.client import RemoteInferenceError, RemoteServerGone, RemoteTimeout, open_websocket
 
 CAMERAS = ("front", "wrist")
 
@@ -79,32 +79,13 @@ class VlaEvalRemotePolicy:
     # --- the wire --------------------------------------------------------------------------------------
     def _connect(self) -> dict:
         """Open the connection and exchange hellos; returns the server's hello payload."""
-        from websockets.exceptions import InvalidStatus, InvalidURI
-        from websockets.sync.client import connect
-
         messages = _protocol()
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            try:
-                self._conn = connect(
-                    self.url, open_timeout=max(0.5, min(10.0, deadline - time.monotonic())), max_size=None
-                )
-                break
-            except InvalidURI as exc:
-                raise DivlaEvalError(
-                    f"policy option url={self.url!r} is not a websocket URL ({exc})"
-                ) from None
-            except InvalidStatus as exc:
-                raise DivlaEvalError(
-                    f"the vla-eval server at {self.url} answered HTTP {exc.response.status_code}"
-                ) from None
-            except (OSError, TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    raise RemoteServerGone(
-                        f"no vla-eval model server answers at {self.url} ({exc}); start it, or pass "
-                        "--policy-option connect_timeout=SECONDS to wait longer"
-                    ) from None
-                time.sleep(0.2)
+        self._conn = open_websocket(
+            self.url,
+            self.connect_timeout,
+            server="vla-eval model server",
+            hint="start it, or pass --policy-option connect_timeout=SECONDS to wait longer",
+        )
         reply = self._request(messages.MessageType.HELLO, messages.make_hello_payload(benchmark="divla_eval"))
         return dict(reply.payload) if isinstance(reply.payload, dict) else {}
 
