@@ -470,21 +470,16 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
     return "\n".join([f"A: `{run_a}`", f"B: `{run_b}`", "", markdown_table(pd.DataFrame(rows)), ""])
 
 
-def _checkpoint_name(run_dir: Path) -> str:
-    """The evaluated checkpoint's folder name, from the run's manifest ("-": none, e.g. scripted)."""
-    checkpoint = ((read_manifest(run_dir) or {}).get("config") or {}).get("checkpoint")
-    if not checkpoint:
-        return "-"
-    path = Path(checkpoint)
-    if path.parent.name == "snapshots":  # a learning curve's snapshot: say whose
-        return f"{path.parent.parent.name}/{path.name}"
-    return path.name
-
-
 def _checkpoint_label(run_dir: Path) -> str:
-    """The checkpoint's folder name, with the run seed when it is not 0 (other scenes: another row)."""
-    seed = ((read_manifest(run_dir) or {}).get("config") or {}).get("seed", 0)
-    name = _checkpoint_name(run_dir)
+    """The evaluated checkpoint's folder name from the run's manifest ("-": none, e.g. scripted; a
+    learning curve's snapshot with its training run's name), with the run seed when it is not 0 (other
+    scenes: another row)."""
+    config = (read_manifest(run_dir) or {}).get("config") or {}
+    checkpoint, seed = config.get("checkpoint"), config.get("seed", 0)
+    name = "-"
+    if checkpoint:
+        path = Path(checkpoint)
+        name = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "snapshots" else path.name
     return name if not seed else f"{name} (seed {seed})"
 
 

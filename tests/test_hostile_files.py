@@ -621,10 +621,10 @@ def test_any_json_line_is_read_or_refused(tmp_path, data):
 
 def _use_manifest(run_dir: Path, data: dict) -> None:
     from divla_eval.records import check_manifest_compatible
-    from divla_eval.report import _checkpoint_name, _config_bullets
+    from divla_eval.report import _checkpoint_label, _config_bullets
 
     _config_bullets(data)
-    _checkpoint_name(run_dir)
+    _checkpoint_label(run_dir)
     try:
         check_manifest_compatible(run_dir, run_config())
     except DivlaEvalError:
