@@ -373,8 +373,20 @@ def _add_train_parser(sub) -> None:
     tr.add_argument(
         "--schedule",
         default="cosine",
-        help="learning rate after warm-up: cosine (decays to 10%% at --steps) or constant (extendable: "
-        "a longer run's snapshots equal shorter runs)",
+        help="learning rate after warm-up: cosine (decays to 10%% at --steps), constant (extendable: "
+        "a longer run's snapshots equal shorter runs) or wsd (constant, then a linear decay to 0 over "
+        "the last --decay-steps)",
+    )
+    tr.add_argument(
+        "--decay-steps", type=_positive_int, default=0, help="--schedule wsd: steps of the final decay"
+    )
+    tr.add_argument(
+        "--init-from",
+        type=_path,
+        default=None,
+        metavar="RUN",
+        help="start from a constant-lr training run's checkpoint (same settings; its step before this "
+        "run's decay): a decay branched off a long run",
     )
     tr.add_argument(
         "--snapshot-every",
@@ -713,6 +725,8 @@ def _cmd_train(args) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         schedule=args.schedule,
+        decay_steps=args.decay_steps,
+        init_from=str(args.init_from) if args.init_from else "",
         snapshot_every=args.snapshot_every,
         ema_decay=args.ema_decay,
         threads=args.threads,

@@ -131,6 +131,10 @@ class Training:
 
     steps: int = 7000
     schedule: str = "cosine"
+    decay_steps: int = 0
+    """schedule "wsd": the final decay's steps."""
+    init_from: str = ""
+    """A constant-lr training run to start from (`train --init-from`): a decay branched off it."""
     snapshot_every: int = 0
     """>0: keep snapshots for a learning curve; the `ship` stage then ships the last one."""
     threads: int = 1
@@ -291,6 +295,12 @@ CURVE = Layout(
     checkpoint="checkpoints/{policy}-{task}-v2",
     curve="results/curves/{policy}-{task}",
 )
+# A learning-rate decay branched off a learning curve's constant-lr run (tag: wsd + its total steps).
+DECAY = Layout(
+    train="runs/train/{policy}-{task}-{tag}",
+    checkpoint="checkpoints/{policy}-{task}-{tag}",
+    curve="results/curves/{policy}-{task}-{tag}",
+)
 
 _BP = TASK_RECIPES["bin_picking"]
 register(
@@ -399,6 +409,35 @@ for _policy in TRAINED_POLICIES:
                 model_options=DIVLA_OPTIONS if _policy == "divla" else (),
             ),
             cells=TASK_RECIPES["multitask"].cells,
+            episodes=20,
+            workers=1,
+        )
+    )
+
+
+# The decays measured so far: (policy, total steps); the last `DECAY_STEPS` of them decay.
+DECAY_STEPS = 5000
+DECAYS = (("diffusion_policy", 40000),)
+for _policy, _steps in DECAYS:
+    _curve_exp = EXPERIMENTS.get(f"{_policy}-multitask-curve")
+    register(
+        Experiment(
+            f"{_policy}-multitask-wsd{_steps // 1000}k",
+            f"{_policy}'s learning curve run with its lr decayed linearly to 0 over steps "
+            f"{_steps - DECAY_STEPS}-{_steps} (a wsd branch, started from the constant run's checkpoint)",
+            _policy,
+            DECAY,
+            task="multitask",
+            tag=f"wsd{_steps // 1000}k",
+            demos=_curve_exp.demos,
+            training=replace(
+                _curve_exp.training,
+                steps=_steps,
+                schedule="wsd",
+                decay_steps=DECAY_STEPS,
+                init_from=path(_curve_exp, "train"),
+            ),
+            cells=_curve_exp.cells,
             episodes=20,
             workers=1,
         )
@@ -547,6 +586,10 @@ def train_command(exp: Experiment, o: Overrides) -> tuple[str, ...]:
     cmd += ["--out", path(exp, "train"), "--steps", str(o.steps or t.steps)]
     if t.schedule != "cosine":
         cmd += ["--schedule", t.schedule]
+    if t.decay_steps:
+        cmd += ["--decay-steps", str(t.decay_steps)]
+    if t.init_from:
+        cmd += ["--init-from", t.init_from]
     if t.snapshot_every:
         cmd += ["--snapshot-every", str(t.snapshot_every)]
     cmd += ["--threads", str(o.threads or t.threads), "--no-progress"]

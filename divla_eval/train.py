@@ -134,7 +134,19 @@ class TrainConfig:
     OpenVLA's shape; the budget is then part of the recipe, so a longer budget is another run);
     "constant" keeps `lr`, so that the snapshot at step s of a long run is the model an s-step run
     would have made, one run gives a whole learning curve, and it can be extended without restarting
-    (the EMA of the weights does the averaging the decay would)."""
+    (the EMA of the weights does the averaging the decay would); "wsd" (warm-up, stable, decay) keeps
+    `lr` and falls linearly to 0 over the last `decay_steps` steps. A wsd run is a constant run until
+    its decay starts, so it can start from a constant run's checkpoint (`init_from`): one long constant
+    run, with short decays branched off where wanted, gives both the curve and the decayed models
+    (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations")."""
+    decay_steps: int = 0
+    """schedule "wsd": the steps of the final linear decay to lr 0 (the warm-up, when it is longer,
+    still comes first)."""
+    init_from: str = ""
+    """A "constant" training run's directory: its checkpoint (weights, EMA, optimiser, step) and its
+    log up to that step start this run, when this run has no checkpoint yet. Its settings must be this
+    run's, and its step must be where this run is still at the constant lr (a wsd run's decay not
+    begun), so this run is the one it would have been from step 0. Not part of the resume key."""
     snapshot_every: int = 0
     """Save the policy (EMA weights) to snapshots/step-N/ every N steps, kept for learning curves;
     0: none. Not part of the recipe: it changes what is kept, not what is trained."""
@@ -162,12 +174,13 @@ class TrainConfig:
         """What must match to resume (steps may grow: training further is allowed)."""
         d = dataclasses.asdict(self)
         # threads and the device change the speed and snapshots what is kept, not the result's recipe
-        for name in ("steps", "out", "threads", "snapshot_every", "device"):
+        for name in ("steps", "out", "threads", "snapshot_every", "device", "init_from"):
             d.pop(name)
         if d["schedule"] == "cosine":
             del d["schedule"]  # the default is left out, so runs started before the option still resume
-        if d["grad_accum"] == 1:
-            del d["grad_accum"]  # likewise
+        for name, default in (("grad_accum", 1), ("decay_steps", 0)):
+            if d[name] == default:
+                del d[name]  # likewise
         d["demos"] = self.demos_label(resolve=True)
         return json.loads(json.dumps(d, default=str))
 
@@ -211,6 +224,17 @@ def _check_inputs(cfg: TrainConfig) -> None:
         raise DivlaEvalError("--steps and --batch-size must be >= 1")
     if cfg.schedule not in SCHEDULES:
         raise DivlaEvalError(f"unknown --schedule {cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if cfg.schedule == "wsd" and not 0 < cfg.decay_steps <= cfg.steps:
+        raise DivlaEvalError(
+            f"--schedule wsd needs --decay-steps between 1 and --steps ({cfg.steps}), got {cfg.decay_steps}"
+        )
+    if cfg.schedule != "wsd" and cfg.decay_steps:
+        raise DivlaEvalError(f"--decay-steps is for --schedule wsd, not {cfg.schedule}")
+    if cfg.init_from and cfg.schedule not in ("constant", "wsd"):
+        raise DivlaEvalError(
+            f"--init-from continues a constant-lr run: it needs --schedule constant or wsd, "
+            f"not {cfg.schedule}"
+        )
     if cfg.snapshot_every < 0:
         raise DivlaEvalError(f"--snapshot-every must be >= 0 (0: none), got {cfg.snapshot_every}")
     if cfg.grad_accum < 1:
@@ -220,15 +244,23 @@ def _check_inputs(cfg: TrainConfig) -> None:
     resolve_device(cfg.device)  # a device this machine lacks: one line, before any data is read
 
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "wsd")
+
+
+def _stable_until(cfg: TrainConfig) -> int:
+    """The step where the lr stops being constant (a constant run: never within `steps`)."""
+    return cfg.steps - cfg.decay_steps if cfg.schedule == "wsd" else cfg.steps
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% (Diffusion Policy's and OpenVLA's shape) or constant."""
+    """Linear warm-up, then cosine decay to 10% (Diffusion Policy's and OpenVLA's shape), constant, or
+    constant and a linear decay to 0 over the last `decay_steps` (wsd)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant" or (cfg.schedule == "wsd" and step < _stable_until(cfg)):
         return cfg.lr
+    if cfg.schedule == "wsd":
+        return cfg.lr * (cfg.steps - step) / cfg.decay_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -371,6 +403,12 @@ def _locked(out: Path):
 
 def _train_locked(cfg: TrainConfig, recipe: Recipe, acc, progress: bool) -> dict:
     from divla_eval.data.dataset import DemoDataset
+
+    if cfg.init_from:
+        if acc.is_main_process:
+            _start_from(cfg)
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()  # the others load the checkpoint the main process copied
 
     ds_kwargs = recipe.dataset_kwargs(cfg.options)
     splits = {_split(p) for p in cfg.demos}  # each file's `train` mask, when every file has one
@@ -662,6 +700,71 @@ def _truncate_log(path: Path, start: int) -> float:
     return float(kept[-1].get("seconds", 0.0)) if kept else 0.0
 
 
+INIT_FROM = "init_from.json"
+
+
+def _start_from(cfg: TrainConfig) -> None:
+    """Copy `cfg.init_from`'s checkpoint and log into `cfg.out` (see `TrainConfig.init_from`), once:
+    a run that has its own checkpoint resumes from it. The source's lock is held while copying, so a
+    training still writing there is refused rather than copied half-saved."""
+    import shutil
+
+    from divla_eval.runner import exclusive
+
+    out, src = Path(cfg.out), Path(cfg.init_from)
+    if (out / "checkpoint" / "trainer_state.json").is_file():
+        return
+    if src.resolve() == out.resolve():
+        raise DivlaEvalError(f"--init-from {src} is this run's own --out: pass the run to start from")
+    state_path = src / "checkpoint" / "trainer_state.json"
+    if not state_path.is_file():
+        raise DivlaEvalError(f"--init-from {src}: no training checkpoint there ({state_path} is missing)")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive(src))
+        except DivlaEvalError:
+            raise DivlaEvalError(
+                f"--init-from {src}: a divla-eval process is writing there (training?); start from it "
+                "when it stops"
+            ) from None
+        state = read_trainer_state(state_path)
+        theirs = {k: v for k, v in state["key"].items() if k != "threads"}
+        if theirs.get("schedule") != "constant":
+            raise DivlaEvalError(
+                f"--init-from {src} was trained with schedule {theirs.get('schedule', 'cosine')!r}: only a "
+                "constant-lr run is a prefix of another run"
+            )
+        mine = {k: v for k, v in cfg.resume_key().items() if k not in ("schedule", "decay_steps")}
+        theirs.pop("schedule")
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ConfigMismatchError(
+                f"--init-from {src} was trained with other settings ({', '.join(diff)} differ)"
+            )
+        step = int(state["step"])
+        if step > _stable_until(cfg):
+            raise DivlaEvalError(
+                f"--init-from {src} is at step {step}, past step {_stable_until(cfg)} where this run's "
+                f"decay starts: raise --steps to at least {step + cfg.decay_steps}"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "checkpoint", tmp)
+        log = src / "train_log.jsonl"
+        rows = [r for r in read_log(log) if r["step"] < step] if log.is_file() else []
+        (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / INIT_FROM).write_text(json.dumps({"run": str(src.resolve()), "step": step}, indent=2) + "\n")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "key": cfg.resume_key()}, indent=2))
+        tmp.replace(out / "checkpoint")  # last: until here a rerun copies again
+
+
+def _provenance(cfg: TrainConfig) -> dict:
+    """The run a training started from (`init_from`), for the saved policy's metadata."""
+    path = Path(cfg.out) / INIT_FROM
+    return {"init_from": json.loads(path.read_text())} if path.is_file() else {}
+
+
 def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, ema, opt, step: int) -> None:
     import torch
 
@@ -704,6 +807,7 @@ def _save_snapshot(cfg: TrainConfig, recipe: Recipe, model, step: int, dataset) 
         "env_args": dataset.env_args,
         "train_config": cfg.resume_key(),
         "weights": "ema" if cfg.ema_decay > 0 else "raw",
+        **_provenance(cfg),
     }
     was_training = model.training
     model.eval()
@@ -727,6 +831,7 @@ def _finish(
         "train_config": cfg.resume_key(),
         "train_seconds_this_session": round(seconds, 1),
         "weights": "ema" if ema is not None else "raw",
+        **_provenance(cfg),
     }
     if acc is not None:  # where this session ran: a record, not part of the recipe
         from divla_eval.device import describe_device

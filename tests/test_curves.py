@@ -78,3 +78,80 @@ def test_curve_and_schedule_mistakes_are_one_line_errors(demos, tmp_path, capsys
     assert main([*argv, "--schedule", "linear"]) == 2
     err = capsys.readouterr().err
     assert "valid: cosine, constant" in err and err.count("\n") == 1
+
+
+def test_the_wsd_schedule_holds_the_lr_then_decays_it_linearly_to_zero():
+    from divla_eval.train import TrainConfig, _lr_at
+
+    cfg = TrainConfig("diffusion_policy", (), "x", steps=10, schedule="wsd", decay_steps=4, warmup_steps=2)
+    lrs = [_lr_at(cfg, s) for s in range(10)]
+    assert lrs[:2] == [1.5e-4, 3e-4]  # the warm-up first
+    assert lrs[2:6] == [3e-4] * 4  # stable: a constant run's lr until the decay starts
+    assert lrs[6:] == pytest.approx([3e-4, 2.25e-4, 1.5e-4, 0.75e-4])  # 4 steps down towards 0
+
+
+def test_a_branch_from_a_constant_run_continues_it_exactly(demos, tmp_path):
+    """`--init-from` copies the constant run's state: training on from there with the same settings
+    makes the very weights the constant run makes when it is resumed, and the log keeps its rows."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _train(demos, tmp_path / "src", 4, "--schedule", "constant")
+    shutil.copytree(tmp_path / "src", tmp_path / "resumed")
+    _train(demos, tmp_path / "resumed", 6, "--schedule", "constant")
+    _train(demos, tmp_path / "branch", 6, "--schedule", "constant", "--init-from", str(tmp_path / "src"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    branch = load_file(str(tmp_path / "branch" / "model.safetensors"))
+    assert resumed.keys() == branch.keys() and all(torch.equal(resumed[k], branch[k]) for k in resumed)
+    log = [json.loads(x) for x in (tmp_path / "branch" / "train_log.jsonl").open()]
+    src_log = [json.loads(x) for x in (tmp_path / "src" / "train_log.jsonl").open()]
+    # the source's rows, then the branch's own (a row every 10 steps and the last)
+    assert log[: len(src_log)] == src_log and [r["step"] for r in log[len(src_log) :]] == [5]
+    meta = json.loads((tmp_path / "branch" / "diffusion_policy_meta.json").read_text())
+    assert meta["init_from"] == {"run": str((tmp_path / "src").resolve()), "step": 4}
+    # the source is left as it was: still at step 4
+    state = json.loads((tmp_path / "src" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_a_wsd_branch_decays_after_the_source_step_and_resumes_from_its_own_checkpoint(demos, tmp_path):
+    _train(demos, tmp_path / "src", 4, "--schedule", "constant")
+    argv = ["--schedule", "wsd", "--decay-steps", "2", "--init-from", str(tmp_path / "src")]
+    _train(demos, tmp_path / "wsd", 6, *argv)
+    log = [json.loads(x) for x in (tmp_path / "wsd" / "train_log.jsonl").open()]
+    assert log[-1]["step"] == 5  # logged with the lr of the warm-up, which is still ramping at step 5
+    assert log[-1]["lr"] == pytest.approx(3e-4 * 6 / 100)
+    key = json.loads((tmp_path / "wsd" / "checkpoint" / "trainer_state.json").read_text())["key"]
+    assert key["schedule"] == "wsd" and key["decay_steps"] == 2
+    # a rerun does not copy again: it finds its own checkpoint, trained to the end
+    (tmp_path / "src" / "checkpoint" / "trainer_state.json").unlink()
+    _train(demos, tmp_path / "wsd", 6, *argv)
+
+
+def test_init_from_mistakes_are_one_line_errors(demos, tmp_path, capsys):
+    _train(demos, tmp_path / "const", 4, "--schedule", "constant")
+    _train(demos, tmp_path / "cos", 2)
+    from conftest import TINY_DIFFUSION_POLICY
+
+    argv = ["train", "--policy", "diffusion_policy", "--demos", str(demos), "--batch-size", "4"]
+    argv += ["--no-progress", "--out", str(tmp_path / "b")]
+    argv += [f"--model-option={k}={json.dumps(v)}" for k, v in TINY_DIFFUSION_POLICY.items()]
+
+    def err(*extra) -> str:
+        capsys.readouterr()
+        assert main([*argv, *extra]) == 2
+        text = capsys.readouterr().err
+        assert text.count("\n") == 1, text
+        return text
+
+    assert "--decay-steps between 1 and --steps" in err("--steps", "6", "--schedule", "wsd")
+    assert "is for --schedule wsd" in err("--steps", "6", "--decay-steps", "2")
+    assert "needs --schedule constant or wsd" in err("--steps", "6", "--init-from", str(tmp_path / "const"))
+    wsd = ["--schedule", "wsd", "--decay-steps", "2", "--init-from"]
+    assert "only a constant-lr run" in err("--steps", "6", *wsd, str(tmp_path / "cos"))
+    assert "no training checkpoint there" in err("--steps", "6", *wsd, str(tmp_path / "nothing"))
+    assert "past step 3 where this run's decay starts" in err("--steps", "5", *wsd, str(tmp_path / "const"))
+    text = err("--steps", "6", "--lr", "1e-3", *wsd, str(tmp_path / "const"))
+    assert "other settings (lr differ)" in text
+    assert not (tmp_path / "b" / "checkpoint").exists()  # nothing copied by a refused start
