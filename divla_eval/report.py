@@ -381,15 +381,17 @@ def _short_condition(label: str) -> str:
     return "visual (all four):3" if label == VISUAL_COMPOSED else label
 
 
-ARCHIVE = "archive"
-"""Run directories under a folder of this name (results/archive/) are records of models that are no
-longer shipped, so their runs can be neither reproduced nor extended: the tables of a folder above
-leave them out (`divla-eval summary results/archive` still shows them)."""
+LEFT_OUT = ("archive", "curves")
+"""Run directories under a folder of these names are left out of the tables of a folder above (asked
+for by name, `divla-eval summary results/archive`, they are shown): results/archive/ holds records of
+models that are no longer shipped, so their runs can be neither reproduced nor extended; results/curves/
+holds a learning curve's snapshots, intermediate models on a small grid, whose table is the curve's own
+curve.md (a final model gets its own run directories, as every other row)."""
 
 
 def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     """Every finished episode of every run directory under `root` (found by their episodes.jsonl),
-    except those in an `archive` folder below `root`.
+    except those in an `archive` or `curves` folder below `root` (`LEFT_OUT`).
 
     An episode that two runs share (the same episode key and scene seed, task version, policy and
     checkpoint, e.g. a matched control run twice) is counted once, so overlapping runs cannot inflate
@@ -405,7 +407,9 @@ def load_runs(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     if not root.is_dir():
         raise DivlaEvalError(f"{root} is not a directory: it does not exist")
     run_dirs = sorted(
-        p.parent for p in root.rglob("episodes.jsonl") if ARCHIVE not in p.relative_to(root).parts[:-1]
+        p.parent
+        for p in root.rglob("episodes.jsonl")
+        if not set(LEFT_OUT) & set(p.relative_to(root).parts[:-1])
     )
     if not run_dirs:
         raise DivlaEvalError(f"no run directories (with episodes.jsonl) under {root}")

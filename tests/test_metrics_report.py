@@ -211,9 +211,9 @@ def test_summary_grid_over_run_dirs_counts_shared_episodes_once(tmp_path: Path) 
         write_summary(tmp_path / "missing")
 
 
-def test_summary_keeps_another_run_seed_apart_and_leaves_out_the_archive(tmp_path: Path) -> None:
+def test_summary_keeps_another_run_seed_apart_and_leaves_out_the_archive_and_curves(tmp_path: Path) -> None:
     """Same episode names under another run seed are other scenes: a row of their own, never deduplicated
-    against (or pooled with) the seed-0 run; runs in an `archive` folder are left out of the tables."""
+    against (or pooled with) the seed-0 run; runs in an `archive` or `curves` folder are left out."""
     from divla_eval.report import load_runs, write_summary
 
     for name, seed, ok, offset in (("seed0", 0, True, 0), ("seed1000", 1000, False, 500)):
@@ -226,10 +226,12 @@ def test_summary_keeps_another_run_seed_apart_and_leaves_out_the_archive(tmp_pat
         (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
     archived = EpisodeStore(tmp_path / "archive" / "old" / "episodes.jsonl")
     archived.append(rec(0, success=True, policy="octo"))
+    snapshot = EpisodeStore(tmp_path / "curves" / "dp" / "step-0005000" / "flip_pot" / "episodes.jsonl")
+    snapshot.append(rec(0, success=True, policy="openvla"))  # a learning curve's: its own curve.md
     text = write_summary(tmp_path).read_text()
     assert "| divla | divla-small | 100.0% [43.9%-100.0%] n=3 |" in text
     assert "| divla | divla-small (seed 1000) | 0.0% [0.0%-56.1%] n=3 |" in text
-    assert "octo" not in text
+    assert "octo" not in text and "openvla" not in text
     df, run_dirs = load_runs(tmp_path / "archive")  # shown when asked for
     assert list(df["policy"]) == ["octo"] and run_dirs == [tmp_path / "archive" / "old"]
 
