@@ -58,8 +58,9 @@ from divla_eval.options import positive_int as _positive_int
 from divla_eval.registry import Registry
 from divla_eval.tasks.multitask import SUBTASKS
 
-STAGES = ("collect", "train", "eval", "eval-visual", "curve", "ship")
-"""Every stage name, in the order an experiment runs the ones it has."""
+STAGES = ("collect", "train", "curve", "ship", "eval", "eval-visual")
+"""Every stage name, in the order an experiment runs the ones it has (ship before eval: a model trained
+with snapshots is evaluated from its shipped copy)."""
 BASELINES = ("openvla", "octo", "diffusion_policy")
 TRAINED_POLICIES = ("divla", "diffusion_policy", "openvla", "octo")
 SHIP_SCRIPT = "scripts/ship_checkpoint.py"
@@ -176,6 +177,8 @@ class Experiment:
     """Episodes per cell when a cell does not say; None: the task's own (bin picking: every object)."""
     workers: int = 2
     curve_every: int = 1
+    curve_episodes: int = 20
+    """`curve`: episodes per cell and snapshot (the same seeds for every snapshot)."""
     summary: str = ""
     """A folder to run `divla-eval summary` on after `eval`."""
     rates_table: str = ""
@@ -295,10 +298,12 @@ CURVE = Layout(
     checkpoint="checkpoints/{policy}-{task}-v2",
     curve="results/curves/{policy}-{task}",
 )
-# A learning-rate decay branched off a learning curve's constant-lr run (tag: wsd + its total steps).
+# A learning-rate decay branched off a learning curve's constant-lr run (tag: wsd + its total steps):
+# a point of the curve (`curve`), and a final model scored like every other row of the tables (`eval`).
 DECAY = Layout(
     train="runs/train/{policy}-{task}-{tag}",
     checkpoint="checkpoints/{policy}-{task}-{tag}",
+    result="results/{policy}/{task}-{cell}{condition}-{tag}",
     curve="results/curves/{policy}-{task}-{tag}",
 )
 
@@ -409,7 +414,6 @@ for _policy in TRAINED_POLICIES:
                 model_options=DIVLA_OPTIONS if _policy == "divla" else (),
             ),
             cells=TASK_RECIPES["multitask"].cells,
-            episodes=20,
             workers=1,
         )
     )
@@ -438,7 +442,8 @@ for _policy, _steps in DECAYS:
                 init_from=path(_curve_exp, "train"),
             ),
             cells=_curve_exp.cells,
-            episodes=20,
+            conditions=VISUAL_CONDITIONS,
+            episodes=TASK_RECIPES["multitask"].episodes,
             workers=1,
         )
     )
@@ -661,7 +666,7 @@ def _curve(exp: Experiment, o: Overrides) -> list[Step]:
     cells = select_cells(exp, o.cells)
     if cells != exp.cells:  # default: every split of the task
         cmd += [arg for c in cells for arg in ("--split", c.split)]
-    cmd += ["--episodes", str(o.episodes or exp.episodes or 20)]
+    cmd += ["--episodes", str(o.episodes or exp.curve_episodes)]
     cmd += ["--every", str(o.curve_every or exp.curve_every)]
     cmd += ["--workers", str(o.workers or exp.workers), "--threads", str(o.threads or 1), "--no-progress"]
     cmd += ["--out", path(exp, "curve")]
@@ -842,7 +847,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """`divla-eval experiment NAME [--stage S] [--dry-run] [overrides]` and `divla-eval experiment ls`."""
     p = subparsers.add_parser(
         "experiment",
-        help="run a named experiment's stages (collect, train, eval, eval-visual, curve, ship); "
+        help="run a named experiment's stages (collect, train, curve, ship, eval, eval-visual); "
         "`experiment ls` lists them",
     )
     p.add_argument("name", nargs="?", help="experiment name; `ls` lists them with one line each")
