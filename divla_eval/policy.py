@@ -163,6 +163,14 @@ class RequiresCheckpoint(LoadsCheckpoint, Protocol):
     requires_checkpoint: bool
 
 
+def computes_on_device(factory) -> bool:
+    """Whether a policy runs a model in the process that evaluates it, on `--device` (so a Ray actor on
+    CUDA reserves a share of a GPU for it). A factory says no with `uses_device = False` (random,
+    scripted: no model; remote, vla_eval_remote: the model runs on its server); any other, a plugin's
+    included, is taken to compute where it is asked to."""
+    return bool(getattr(factory, "uses_device", True))
+
+
 def requires_checkpoint(factory) -> bool:
     """Whether a policy factory cannot be built without a checkpoint (a learned policy's class)."""
     return isinstance(factory, RequiresCheckpoint) and bool(factory.requires_checkpoint)
@@ -196,6 +204,7 @@ class RandomPolicy:
     """Uniform random actions in the controller's [-1, 1] box: the lower bound."""
 
     INFERENCE_OPTIONS: dict[str, type] = {}  # no checkpoint, no inference options
+    uses_device = False  # no model (`computes_on_device`)
 
     def __init__(self, action_dim: int = 7, chunk: int = 1):
         self.action_dim = action_dim
@@ -215,6 +224,7 @@ class ScriptedPolicy:
 
     metadata = PolicyMetadata(name="scripted", execute_steps=1, privileged=True)
     INFERENCE_OPTIONS: dict[str, type] = {}  # no checkpoint, no inference options
+    uses_device = False  # no model (`computes_on_device`)
 
     def __init__(self, action_dim: int = 7):
         self._env = None

@@ -582,7 +582,7 @@ def run(
     """
     from divla_eval.backends import get_backend
     from divla_eval.device import DEVICE_ENV, resolve_device
-    from divla_eval.policy import TORCH_THREADS_ENV
+    from divla_eval.policy import TORCH_THREADS_ENV, computes_on_device, policy_factory
 
     # Learned policies run torch with one thread per worker process unless `threads` says otherwise.
     # Float reductions change with the thread count, so a default that followed the cores per worker
@@ -600,8 +600,9 @@ def run(
 
     resolved = validate(cfg, policy)
     # a model in each Ray actor on CUDA reserves its share of the cluster's GPUs (a remote policy's
-    # model runs on its server, random and scripted ones need none)
-    in_actor_model = resolved.cfg.checkpoint is not None or policy is not None
+    # model runs on its server, random and scripted ones need none): what the policy declares, not
+    # whether a checkpoint was given (a plugin may build its CUDA model from options alone)
+    in_actor_model = computes_on_device(policy if policy is not None else policy_factory(resolved.cfg.policy))
     gpus = "auto" if os.environ[DEVICE_ENV].startswith("cuda") and in_actor_model else None
     backend = get_backend(backend, address=ray_address, gpus_per_actor=gpus)
     sent = policy

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,6 +17,7 @@ torch = pytest.importorskip("torch")
 from divla_eval.cli import main  # noqa: E402
 from divla_eval.device import DEVICE_CHOICES, resolve_device  # noqa: E402
 from divla_eval.errors import DivlaEvalError  # noqa: E402
+from divla_eval.policy import ActionChunk, PolicyMetadata  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY  # noqa: E402
@@ -373,3 +375,47 @@ def test_two_cpu_processes_under_torchrun_train_like_one(demos, tmp_path):
         torch.testing.assert_close(one[k], ddp[k], rtol=1e-5, atol=1e-6)
     meta_rows = (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()
     assert len(meta_rows) == 3  # one writer
+
+
+class _PluginOnDevice:
+    """A plugin that builds its model from options alone (no checkpoint) on the device it is given."""
+
+    def __init__(self, action_dim=7, device="cpu"):
+        self.metadata = PolicyMetadata(name="plugin")
+
+    def reset(self, instruction, seed):
+        pass
+
+    def infer(self, obs):
+        return ActionChunk(np.zeros((1, 7)))
+
+
+@pytest.mark.parametrize(
+    "policy, share",
+    [("random", None), ("scripted", None), ("test_device:_PluginOnDevice", "auto")],
+)
+def test_a_ray_actor_reserves_a_gpu_share_when_its_policy_computes_on_cuda(
+    policy, share, tmp_path, monkeypatch, capsys
+):
+    """What the policy declares decides (`uses_device = False`: no model in the actor), not whether a
+    checkpoint was given: a plugin built from options gets its GPU share too."""
+    import divla_eval.backends as backends
+    from divla_eval.cli import main
+    from divla_eval.policy import computes_on_device, policy_factory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    asked = {}
+
+    def get_backend(name, **kwargs):
+        asked.update(kwargs)
+        raise DivlaEvalError("stopped by the test before any actor starts")
+
+    monkeypatch.setattr(backends, "get_backend", get_backend)
+    argv = ["run", "--task", "multitask", "--split", "flip_pot", "--policy", policy, "--episodes", "1"]
+    assert main([*argv, "--device", "cuda", "--backend", "ray", "--out", str(tmp_path / "r")]) == 2
+    assert "stopped by the test" in capsys.readouterr().err
+    assert asked["gpus_per_actor"] == share
+    for name in ("remote", "vla_eval_remote"):  # their model runs on their server
+        assert not computes_on_device(policy_factory(name))
+    assert computes_on_device(policy_factory("divla"))

@@ -126,6 +126,7 @@ class RemotePolicy:
     """Registered as `remote`; see the module docstring. Built by `from_options(url=...)`."""
 
     requires_options = ("url",)
+    uses_device = False  # the model runs on the server (`policy.computes_on_device`)
     INFERENCE_OPTIONS: dict[str, type] = {
         "url": str,
         "execute_steps": int,

@@ -40,6 +40,7 @@ class VlaEvalRemotePolicy:
     """Registered as `vla_eval_remote`; built by `from_options(url=...)`. See the module docstring."""
 
     requires_options = ("url",)
+    uses_device = False  # the model runs on the server (`divla_eval.policy.computes_on_device`)
     INFERENCE_OPTIONS: dict[str, type] = {"url": str, "connect_timeout": float, "timeout": float}
     """`--policy-option`: the server's ws:// URL; seconds to wait for it to accept a connection (it may
     still be loading its model) and for each reply."""
