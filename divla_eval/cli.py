@@ -384,9 +384,10 @@ def _add_train_parser(sub) -> None:
         "--init-from",
         type=_path,
         default=None,
-        metavar="RUN",
-        help="start from a constant-lr training run's checkpoint (same settings; its step before this "
-        "run's decay): a decay branched off a long run",
+        metavar="RUN|CHECKPOINT",
+        help="start from a constant-lr training run's checkpoint (exact), or from a policy it saved, e.g. "
+        "a shipped snapshot (weights only, fresh optimiser); same settings, its step before this run's "
+        "decay: a decay branched off a long run, or a long run continued on another machine",
     )
     tr.add_argument(
         "--snapshot-every",

@@ -138,7 +138,9 @@ def curve_table(cfg: CurveConfig):
 
     log = _train_log(cfg.train_dir)
     rows = []
-    for step, _ in _snapshots(cfg):
+    # evaluated snapshots stay rows when the run that kept them is gone (runs/ lost with a machine, the
+    # run continued from a shipped snapshot: `divla-eval train --init-from`)
+    for step in sorted({s for s, _ in _snapshots(cfg)} | _evaluated_steps(cfg.out)):
         row: dict = {"step": step}
         before = log[log["step"] < step] if not log.empty else log
         if not before.empty:
@@ -157,6 +159,30 @@ def curve_table(cfg: CurveConfig):
         row.update(successes=k, episodes=n, rate=k / n, ci_low=lo, ci_high=hi)
         rows.append(row)
     return pd.DataFrame(rows), log
+
+
+def _evaluated_steps(out: Path) -> set[int]:
+    return {int(d.name[5:]) for d in Path(out).glob("step-*") if d.is_dir() and d.name[5:].isdigit()}
+
+
+def _started_from(train_dir: Path) -> str:
+    """A sentence for curve.md when the run started from another run or from saved weights."""
+    from divla_eval.schema import read_json
+    from divla_eval.train import INIT_FROM
+
+    path = Path(train_dir) / INIT_FROM
+    if not path.is_file():
+        return ""
+    record = read_json(path)
+    if not isinstance(record, dict):
+        return ""
+    if record.get("optimizer") == "fresh":
+        return (
+            f" The run started at step {record.get('step')} from the weights saved in "
+            f"`{record.get('checkpoint')}` with a fresh optimiser (`--init-from`): rows before it come "
+            "from the run that saved them."
+        )
+    return f" The run started at step {record.get('step')} from `{record.get('run')}`'s checkpoint."
 
 
 def _train_log(train_dir: Path):
@@ -227,7 +253,9 @@ def write_curve(cfg: CurveConfig, command: str) -> tuple[Path, Path]:
         md,
         f"# Learning curve: {title}\n\n"
         f"Made by `{command}` from `{cfg.train_dir}`. Loss: mean of the logged losses over the 500 steps "
-        "before the snapshot. Success: Wilson 95% interval over every cell's episodes.\n\n"
+        "before the snapshot. Success: Wilson 95% interval over every cell's episodes."
+        + _started_from(cfg.train_dir)
+        + "\n\n"
         + markdown_table(shown)
         + "\n\n![curve](curve.png)\n",
     )

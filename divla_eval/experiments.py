@@ -419,16 +419,19 @@ for _policy in TRAINED_POLICIES:
     )
 
 
-# The decays measured so far: (policy, total steps); the last `DECAY_STEPS` of them decay.
+# The decays measured so far: (policy, total steps); the last `DECAY_STEPS` of them decay. Each starts
+# from the learning curve's shipped snapshot (`ship` stage), weights only: the constant run's runs/
+# directory, with its optimiser state, does not survive the machine, the shipped copy does.
 DECAY_STEPS = 5000
-DECAYS = (("diffusion_policy", 40000),)
+DECAYS = (("diffusion_policy", 35000),)
 for _policy, _steps in DECAYS:
     _curve_exp = EXPERIMENTS.get(f"{_policy}-multitask-curve")
     register(
         Experiment(
             f"{_policy}-multitask-wsd{_steps // 1000}k",
-            f"{_policy}'s learning curve run with its lr decayed linearly to 0 over steps "
-            f"{_steps - DECAY_STEPS}-{_steps} (a wsd branch, started from the constant run's checkpoint)",
+            f"{_policy}'s learning curve with its lr decayed linearly to 0 over steps "
+            f"{_steps - DECAY_STEPS}-{_steps} (a wsd branch, started from the curve's shipped snapshot "
+            f"{path(_curve_exp, 'checkpoint')} with a fresh optimiser)",
             _policy,
             DECAY,
             task="multitask",
@@ -439,7 +442,7 @@ for _policy, _steps in DECAYS:
                 steps=_steps,
                 schedule="wsd",
                 decay_steps=DECAY_STEPS,
-                init_from=path(_curve_exp, "train"),
+                init_from=path(_curve_exp, "checkpoint"),
             ),
             cells=_curve_exp.cells,
             conditions=VISUAL_CONDITIONS,

@@ -146,7 +146,10 @@ class TrainConfig:
     """A "constant" training run's directory: its checkpoint (weights, EMA, optimiser, step) and its
     log up to that step start this run, when this run has no checkpoint yet. Its settings must be this
     run's, and its step must be where this run is still at the constant lr (a wsd run's decay not
-    begun), so this run is the one it would have been from step 0. Not part of the resume key."""
+    begun), so this run is the one it would have been from step 0. Or a policy such a run saved (a
+    snapshot, or its shipped fp16 copy): its weights start both the weights and their EMA, with a fresh
+    optimiser, which is how a long run goes on after its runs/ directory was lost. Not part of the
+    resume key."""
     snapshot_every: int = 0
     """Save the policy (EMA weights) to snapshots/step-N/ every N steps, kept for learning curves;
     0: none. Not part of the recipe: it changes what is kept, not what is trained."""
@@ -462,7 +465,7 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if start:  # saved from any device; load_state_dict moves the state to the parameters' device
+    if start and not _fresh_optimizer(out, start):  # load_state_dict moves it to the parameters' device
         _load_optimizer(opt, ckpt)
     main = acc.is_main_process
     if start >= cfg.steps:
@@ -704,21 +707,56 @@ INIT_FROM = "init_from.json"
 
 
 def _start_from(cfg: TrainConfig) -> None:
-    """Copy `cfg.init_from`'s checkpoint and log into `cfg.out` (see `TrainConfig.init_from`), once:
-    a run that has its own checkpoint resumes from it. The source's lock is held while copying, so a
-    training still writing there is refused rather than copied half-saved."""
-    import shutil
-
-    from divla_eval.runner import exclusive
-
+    """Start `cfg.out` from `cfg.init_from` (see `TrainConfig.init_from`), once: a run that has its own
+    checkpoint resumes from it. The source is a training run (its checkpoint is copied: the exact
+    continuation) or a saved policy, e.g. a shipped snapshot (its weights only: see `_from_weights`)."""
     out, src = Path(cfg.out), Path(cfg.init_from)
     if (out / "checkpoint" / "trainer_state.json").is_file():
         return
     if src.resolve() == out.resolve():
         raise DivlaEvalError(f"--init-from {src} is this run's own --out: pass the run to start from")
-    state_path = src / "checkpoint" / "trainer_state.json"
-    if not state_path.is_file():
-        raise DivlaEvalError(f"--init-from {src}: no training checkpoint there ({state_path} is missing)")
+    if (src / "checkpoint" / "trainer_state.json").is_file():
+        _from_run(cfg, out, src)
+    elif (src / "config.json").is_file():
+        _from_weights(cfg, out, src)
+    else:
+        raise DivlaEvalError(
+            f"--init-from {src}: neither a training run (no checkpoint/trainer_state.json) nor a saved "
+            "policy (no config.json)"
+        )
+
+
+def _check_prefix(cfg: TrainConfig, src: Path, key: dict, step: int) -> None:
+    """A source trained with `key` up to `step` is a prefix of this run: a constant-lr run with this
+    run's settings (but the schedule), not past where this run's decay starts."""
+    theirs = {k: v for k, v in key.items() if k != "threads"}
+    if theirs.get("schedule") != "constant":
+        raise DivlaEvalError(
+            f"--init-from {src} was trained with schedule {theirs.get('schedule', 'cosine')!r}: only a "
+            "constant-lr run is a prefix of another run"
+        )
+    mine = {k: v for k, v in cfg.resume_key().items() if k not in ("schedule", "decay_steps")}
+    theirs.pop("schedule")
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        raise ConfigMismatchError(
+            f"--init-from {src} was trained with other settings ({', '.join(diff)} differ)"
+        )
+    if step > _stable_until(cfg):
+        raise DivlaEvalError(
+            f"--init-from {src} is at step {step}, past step {_stable_until(cfg)} where this run's "
+            f"decay starts: raise --steps to at least {step + cfg.decay_steps}"
+        )
+
+
+def _from_run(cfg: TrainConfig, out: Path, src: Path) -> None:
+    """Copy a run's checkpoint (weights, EMA, optimiser) and log: this run is then the one it would have
+    been from step 0. The source's lock is held while copying, so a training still writing there is
+    refused rather than copied half-saved."""
+    import shutil
+
+    from divla_eval.runner import exclusive
+
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(exclusive(src))
@@ -727,42 +765,92 @@ def _start_from(cfg: TrainConfig) -> None:
                 f"--init-from {src}: a divla-eval process is writing there (training?); start from it "
                 "when it stops"
             ) from None
-        state = read_trainer_state(state_path)
-        theirs = {k: v for k, v in state["key"].items() if k != "threads"}
-        if theirs.get("schedule") != "constant":
-            raise DivlaEvalError(
-                f"--init-from {src} was trained with schedule {theirs.get('schedule', 'cosine')!r}: only a "
-                "constant-lr run is a prefix of another run"
-            )
-        mine = {k: v for k, v in cfg.resume_key().items() if k not in ("schedule", "decay_steps")}
-        theirs.pop("schedule")
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise ConfigMismatchError(
-                f"--init-from {src} was trained with other settings ({', '.join(diff)} differ)"
-            )
+        state = read_trainer_state(src / "checkpoint" / "trainer_state.json")
         step = int(state["step"])
-        if step > _stable_until(cfg):
-            raise DivlaEvalError(
-                f"--init-from {src} is at step {step}, past step {_stable_until(cfg)} where this run's "
-                f"decay starts: raise --steps to at least {step + cfg.decay_steps}"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_prefix(cfg, src, state["key"], step)
+        tmp = _fresh_tmp(out)
         shutil.copytree(src / "checkpoint", tmp)
-        log = src / "train_log.jsonl"
-        rows = [r for r in read_log(log) if r["step"] < step] if log.is_file() else []
-        (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (out / INIT_FROM).write_text(json.dumps({"run": str(src.resolve()), "step": step}, indent=2) + "\n")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "key": cfg.resume_key()}, indent=2))
-        tmp.replace(out / "checkpoint")  # last: until here a rerun copies again
+        _commit_start(cfg, out, tmp, src / "train_log.jsonl", step, {"run": str(src.resolve()), "step": step})
+
+
+class _SavedMeta(typing.TypedDict):
+    steps: int
+    train_config: dict
+
+
+def _from_weights(cfg: TrainConfig, out: Path, src: Path) -> None:
+    """Start from a saved policy's weights (a snapshot, or its fp16 shipped copy in checkpoints/, which
+    survives the machine when runs/ does not): both the trained weights and their EMA begin at them and
+    the optimiser starts empty; the data order and noise continue as the source run's would. Not the
+    exact continuation (that needs the optimiser state, which is not shipped), so init_from.json and
+    the saved metadata say `optimizer: fresh`."""
+    from divla_eval.checkpoint import CheckpointError
+    from divla_eval.policy import POLICIES
+    from divla_eval.schema import check_value, read_json
+
+    meta_path = src / POLICIES.get(cfg.policy).meta_file
+    if not meta_path.is_file():
+        raise DivlaEvalError(
+            f"--init-from {src}: not a {cfg.policy} policy saved by training (no {meta_path.name})"
+        )
+    meta = read_json(meta_path, CheckpointError)
+    try:
+        check_value(meta, _SavedMeta)
+    except InvalidValueError as exc:
+        raise CheckpointError(f"{meta_path}: {exc}") from None
+    step = int(meta["steps"])
+    _check_prefix(cfg, src, meta["train_config"], step)
+    recipe = RECIPES.get(cfg.policy)
+    model = recipe.load(src)  # fp16 weights widen to fp32
+    tmp = _fresh_tmp(out)
+    recipe.save(model, tmp, {"step": step})
+    recipe.save(model, tmp / "ema", {"step": step})
+    record = {
+        "checkpoint": str(src.resolve()),
+        "step": step,
+        "weights": meta.get("weights", "raw"),
+        "dtype": meta.get("dtype", "float32"),
+        "optimizer": "fresh",
+    }
+    _commit_start(cfg, out, tmp, src / "train_log.jsonl", step, record)
+
+
+def _fresh_tmp(out: Path) -> Path:
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _commit_start(cfg: TrainConfig, out: Path, tmp: Path, log: Path, step: int, record: dict) -> None:
+    """Write the source's log up to `step`, the provenance record and the trainer state, then rename
+    the checkpoint into place, last: until then a rerun starts over."""
+    rows = [r for r in read_log(log) if r["step"] < step] if log.is_file() else []
+    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / INIT_FROM).write_text(json.dumps(record, indent=2) + "\n")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "key": cfg.resume_key()}, indent=2))
+    tmp.replace(out / "checkpoint")
+
+
+def _fresh_optimizer(out: Path, start: int) -> bool:
+    """Whether this run starts at `start` from weights alone (`_from_weights`): no optimiser to load."""
+    from divla_eval.schema import read_json
+
+    path = out / INIT_FROM
+    if not path.is_file():
+        return False
+    record = read_json(path)
+    return isinstance(record, dict) and record.get("optimizer") == "fresh" and record.get("step") == start
 
 
 def _provenance(cfg: TrainConfig) -> dict:
     """The run a training started from (`init_from`), for the saved policy's metadata."""
+    from divla_eval.schema import read_json
+
     path = Path(cfg.out) / INIT_FROM
-    return {"init_from": json.loads(path.read_text())} if path.is_file() else {}
+    return {"init_from": read_json(path)} if path.is_file() else {}
 
 
 def _save_checkpoint(cfg: TrainConfig, recipe: Recipe, model, ema, opt, step: int) -> None:

@@ -64,6 +64,12 @@ def test_curve_evaluates_every_snapshot_on_the_same_episodes_and_resumes(demos, 
     capsys.readouterr()
     assert main(argv) == 0  # a rerun resumes: nothing left to run
     assert sum(1 for _ in (out / "step-0000004" / "seen" / "episodes.jsonl").open()) == 2
+    # a snapshot lost with its run (runs/ is not in git) keeps its evaluated row
+    import shutil
+
+    shutil.rmtree(tmp_path / "dp" / "snapshots" / "step-0000002")
+    assert main(argv) == 0
+    assert "| 2 |" in (out / "curve.md").read_text()
 
 
 def test_curve_and_schedule_mistakes_are_one_line_errors(demos, tmp_path, capsys):
@@ -150,8 +156,66 @@ def test_init_from_mistakes_are_one_line_errors(demos, tmp_path, capsys):
     assert "needs --schedule constant or wsd" in err("--steps", "6", "--init-from", str(tmp_path / "const"))
     wsd = ["--schedule", "wsd", "--decay-steps", "2", "--init-from"]
     assert "only a constant-lr run" in err("--steps", "6", *wsd, str(tmp_path / "cos"))
-    assert "no training checkpoint there" in err("--steps", "6", *wsd, str(tmp_path / "nothing"))
+    assert "neither a training run" in err("--steps", "6", *wsd, str(tmp_path / "nothing"))
     assert "past step 3 where this run's decay starts" in err("--steps", "5", *wsd, str(tmp_path / "const"))
     text = err("--steps", "6", "--lr", "1e-3", *wsd, str(tmp_path / "const"))
     assert "other settings (lr differ)" in text
     assert not (tmp_path / "b" / "checkpoint").exists()  # nothing copied by a refused start
+
+
+def test_a_run_goes_on_from_a_shipped_snapshots_weights_with_a_fresh_optimiser(demos, tmp_path, capsys):
+    """runs/ is lost with the machine; the shipped fp16 copy of a snapshot is not. `--init-from` that copy
+    starts the weights and their EMA at it, the optimiser empty, the log and step where it stopped."""
+    from conftest import TINY_DIFFUSION_POLICY
+    from safetensors.torch import load_file
+
+    from divla_eval.policy import POLICIES
+    from divla_eval.train import TrainConfig, _start_from, parse_model_options
+
+    _train(demos, tmp_path / "src", 4, "--schedule", "constant", "--snapshot-every", "4")
+    snap = tmp_path / "src" / "snapshots" / "step-0000004"
+    meta = json.loads((snap / "diffusion_policy_meta.json").read_text())
+    shipped = tmp_path / "shipped"
+    policy = POLICIES.get("diffusion_policy").from_pretrained(snap)
+    policy.save_pretrained(shipped, half=True, meta={**meta, "dtype": "float16"})
+    (tmp_path / "src" / "train_log.jsonl").rename(shipped / "train_log.jsonl")
+
+    out = tmp_path / "goes_on"
+    argv = ["--schedule", "wsd", "--decay-steps", "2", "--init-from", str(shipped)]
+    _train(demos, out, 6, *argv)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").open()]
+    assert [r["step"] for r in log] == [0, 3, 5]  # the source's rows before step 4, then its own
+    saved = json.loads((out / "diffusion_policy_meta.json").read_text())
+    assert saved["steps"] == 6 and saved["init_from"] == {
+        "checkpoint": str(shipped.resolve()),
+        "step": 4,
+        "weights": "ema",
+        "dtype": "float16",
+        "optimizer": "fresh",
+    }
+    from divla_eval.curves import _started_from
+
+    assert f"started at step 4 from the weights saved in `{shipped.resolve()}`" in _started_from(out)
+    # where it started: the shipped weights (widened to fp32) as both the weights and their EMA
+    start = tmp_path / "start"
+    options = parse_model_options("diffusion_policy", dict(TINY_DIFFUSION_POLICY))
+    cfg = TrainConfig("diffusion_policy", (demos,), str(start), steps=6, batch_size=4, schedule="wsd")
+    cfg.decay_steps, cfg.init_from, cfg.options = 2, str(shipped), options
+    _start_from(cfg)
+    want = {k: v.float() for k, v in load_file(str(shipped / "model.safetensors")).items()}
+    for part in ("checkpoint", "checkpoint/ema"):
+        got = load_file(str(start / part / "model.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not (start / "checkpoint" / "optimizer.pt").exists()
+
+    # a saved policy that is not a prefix of this run is refused in one line, as a run is
+    base = ["train", "--policy", "diffusion_policy", "--demos", str(demos), "--out", str(tmp_path / "x")]
+    base += ["--steps", "6", "--batch-size", "4", "--no-progress", *argv]
+    base += [f"--model-option={k}={json.dumps(v)}" for k, v in TINY_DIFFUSION_POLICY.items()]
+    capsys.readouterr()
+    assert main([*base, "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (lr differ)" in err and err.count("\n") == 1
+    (shipped / "diffusion_policy_meta.json").unlink()
+    assert main(base) == 2
+    assert "no diffusion_policy_meta.json" in capsys.readouterr().err
