@@ -176,13 +176,14 @@ def _started_from(train_dir: Path) -> str:
     record = read_json(path)
     if not isinstance(record, dict):
         return ""
-    if record.get("optimizer") == "fresh":
+    step = record.get("step")
+    if "checkpoint" in record:
         return (
-            f" The run started at step {record.get('step')} from the weights saved in "
-            f"`{record.get('checkpoint')}` with a fresh optimiser (`--init-from`): rows before it come "
-            "from the run that saved them."
+            f" The run started at step {step} from the weights saved in `{record['checkpoint']}` with a "
+            "fresh optimiser (`--init-from`): rows before it come from the run that saved them."
         )
-    return f" The run started at step {record.get('step')} from `{record.get('run')}`'s checkpoint."
+    fresh = " (its optimiser fresh)" if record.get("optimizer") == "fresh" else ""
+    return f" The run started at step {step} from `{record.get('run')}`'s checkpoint{fresh} (`--init-from`)."
 
 
 def _train_log(train_dir: Path):

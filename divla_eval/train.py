@@ -441,7 +441,7 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     state_path = ckpt / "trainer_state.json"
-    start = 0
+    start, fresh = 0, False
     torch.manual_seed(cfg.seed)
     if state_path.is_file():
         state = read_trainer_state(state_path)
@@ -453,6 +453,8 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
             )
         model = recipe.load(ckpt)
         start = int(state["step"])
+        # started from saved weights alone (`_from_weights`) and no checkpoint of its own saved since
+        fresh = state.get("optimizer") == FRESH and not (ckpt / "optimizer.pt").is_file()
         ema = recipe.load(ckpt / "ema") if (ckpt / "ema").is_dir() else None
     else:
         model = recipe.build(dataset, dict(cfg.options))
@@ -465,7 +467,7 @@ def _train_on(dataset, cfg: TrainConfig, recipe: Recipe, progress: bool, acc) ->
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if start and not _fresh_optimizer(out, start):  # load_state_dict moves it to the parameters' device
+    if start and not fresh:  # load_state_dict moves the state to the parameters' device
         _load_optimizer(opt, ckpt)
     main = acc.is_main_process
     if start >= cfg.steps:
@@ -768,9 +770,12 @@ def _from_run(cfg: TrainConfig, out: Path, src: Path) -> None:
         state = read_trainer_state(src / "checkpoint" / "trainer_state.json")
         step = int(state["step"])
         _check_prefix(cfg, src, state["key"], step)
+        # a source that itself started from weights and has not saved an optimiser since passes that on
+        fresh = state.get("optimizer") == FRESH and not (src / "checkpoint" / "optimizer.pt").is_file()
         tmp = _fresh_tmp(out)
         shutil.copytree(src / "checkpoint", tmp)
-        _commit_start(cfg, out, tmp, src / "train_log.jsonl", step, {"run": str(src.resolve()), "step": step})
+        record = {"run": str(src.resolve()), "step": step, **({"optimizer": FRESH} if fresh else {})}
+        _commit_start(cfg, out, tmp, src / "train_log.jsonl", step, record, fresh)
 
 
 class _SavedMeta(typing.TypedDict):
@@ -799,20 +804,27 @@ def _from_weights(cfg: TrainConfig, out: Path, src: Path) -> None:
     except InvalidValueError as exc:
         raise CheckpointError(f"{meta_path}: {exc}") from None
     step = int(meta["steps"])
+    if step < 0:
+        raise CheckpointError(f"{meta_path}: field 'steps': expected an integer >= 0, got {step}")
     _check_prefix(cfg, src, meta["train_config"], step)
     recipe = RECIPES.get(cfg.policy)
     model = recipe.load(src)  # fp16 weights widen to fp32
     tmp = _fresh_tmp(out)
     recipe.save(model, tmp, {"step": step})
-    recipe.save(model, tmp / "ema", {"step": step})
+    if cfg.ema_decay > 0:
+        recipe.save(model, tmp / "ema", {"step": step})
     record = {
         "checkpoint": str(src.resolve()),
         "step": step,
         "weights": meta.get("weights", "raw"),
         "dtype": meta.get("dtype", "float32"),
-        "optimizer": "fresh",
+        "optimizer": FRESH,
     }
-    _commit_start(cfg, out, tmp, src / "train_log.jsonl", step, record)
+    # a snapshot has no log of its own: its run's (snapshots/step-N/ inside the run directory)
+    log = src / "train_log.jsonl"
+    if not log.is_file() and src.parent.name == SNAPSHOTS:
+        log = src.parent.parent / "train_log.jsonl"
+    _commit_start(cfg, out, tmp, log, step, record, fresh=True)
 
 
 def _fresh_tmp(out: Path) -> Path:
@@ -824,25 +836,26 @@ def _fresh_tmp(out: Path) -> Path:
     return tmp
 
 
-def _commit_start(cfg: TrainConfig, out: Path, tmp: Path, log: Path, step: int, record: dict) -> None:
-    """Write the source's log up to `step`, the provenance record and the trainer state, then rename
-    the checkpoint into place, last: until then a rerun starts over."""
+def _commit_start(
+    cfg: TrainConfig, out: Path, tmp: Path, log: Path, step: int, record: dict, fresh: bool = False
+) -> None:
+    """Write the source's log up to `step`, the provenance record and the trainer state (`fresh`: no
+    optimiser state to load at `step`), then rename the checkpoint into place, last: until then a
+    rerun starts over."""
+    import shutil
+
     rows = [r for r in read_log(log) if r["step"] < step] if log.is_file() else []
     (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / INIT_FROM).write_text(json.dumps(record, indent=2) + "\n")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "key": cfg.resume_key()}, indent=2))
+    state = {"step": step, "key": cfg.resume_key(), **({"optimizer": FRESH} if fresh else {})}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # a first save killed before its trainer state
     tmp.replace(out / "checkpoint")
 
 
-def _fresh_optimizer(out: Path, start: int) -> bool:
-    """Whether this run starts at `start` from weights alone (`_from_weights`): no optimiser to load."""
-    from divla_eval.schema import read_json
-
-    path = out / INIT_FROM
-    if not path.is_file():
-        return False
-    record = read_json(path)
-    return isinstance(record, dict) and record.get("optimizer") == "fresh" and record.get("step") == start
+FRESH = "fresh"
+"""trainer_state.json's `optimizer` when a run starts from saved weights: there is no optimiser state to
+load at that step. The first checkpoint the run saves (optimizer.pt and a state without it) ends it."""
 
 
 def _provenance(cfg: TrainConfig) -> dict:

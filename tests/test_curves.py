@@ -166,6 +166,8 @@ def test_init_from_mistakes_are_one_line_errors(demos, tmp_path, capsys):
 def test_a_run_goes_on_from_a_shipped_snapshots_weights_with_a_fresh_optimiser(demos, tmp_path, capsys):
     """runs/ is lost with the machine; the shipped fp16 copy of a snapshot is not. `--init-from` that copy
     starts the weights and their EMA at it, the optimiser empty, the log and step where it stopped."""
+    import shutil
+
     from conftest import TINY_DIFFUSION_POLICY
     from safetensors.torch import load_file
 
@@ -178,7 +180,7 @@ def test_a_run_goes_on_from_a_shipped_snapshots_weights_with_a_fresh_optimiser(d
     shipped = tmp_path / "shipped"
     policy = POLICIES.get("diffusion_policy").from_pretrained(snap)
     policy.save_pretrained(shipped, half=True, meta={**meta, "dtype": "float16"})
-    (tmp_path / "src" / "train_log.jsonl").rename(shipped / "train_log.jsonl")
+    shutil.copy2(tmp_path / "src" / "train_log.jsonl", shipped / "train_log.jsonl")
 
     out = tmp_path / "goes_on"
     argv = ["--schedule", "wsd", "--decay-steps", "2", "--init-from", str(shipped)]
@@ -207,6 +209,17 @@ def test_a_run_goes_on_from_a_shipped_snapshots_weights_with_a_fresh_optimiser(d
         got = load_file(str(start / part / "model.safetensors"))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert not (start / "checkpoint" / "optimizer.pt").exists()
+    assert json.loads((start / "checkpoint" / "trainer_state.json").read_text())["optimizer"] == "fresh"
+    # the run's own first checkpoint holds its optimiser: a later resume loads it
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert "optimizer" not in state and (out / "checkpoint" / "optimizer.pt").is_file()
+
+    # a snapshot still inside its run: the log comes from the run
+    _train(
+        demos, tmp_path / "from_snap", 6, "--schedule", "wsd", "--decay-steps", "2", "--init-from", str(snap)
+    )
+    log = [json.loads(x) for x in (tmp_path / "from_snap" / "train_log.jsonl").open()]
+    assert [r["step"] for r in log] == [0, 3, 5]
 
     # a saved policy that is not a prefix of this run is refused in one line, as a run is
     base = ["train", "--policy", "diffusion_policy", "--demos", str(demos), "--out", str(tmp_path / "x")]
