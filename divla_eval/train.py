@@ -739,6 +739,11 @@ def _check_prefix(cfg: TrainConfig, src: Path, key: dict, step: int) -> None:
         )
     mine = {k: v for k, v in cfg.resume_key().items() if k not in ("schedule", "decay_steps")}
     theirs.pop("schedule")
+    # the demos by file name: a shipped checkpoint records the absolute paths of the machine it was
+    # trained on, and a checkout elsewhere collects the same files under its own data/
+    for d in (mine, theirs):
+        if "demos" in d:
+            d["demos"] = [Path(x).name for x in ([d["demos"]] if isinstance(d["demos"], str) else d["demos"])]
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
         raise ConfigMismatchError(

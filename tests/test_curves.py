@@ -229,6 +229,17 @@ def test_a_run_goes_on_from_a_shipped_snapshots_weights_with_a_fresh_optimiser(d
     assert main([*base, "--lr", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert "other settings (lr differ)" in err and err.count("\n") == 1
-    (shipped / "diffusion_policy_meta.json").unlink()
+    # recorded on another machine: the demos match by file name, not by absolute path
+    meta_path = shipped / "diffusion_policy_meta.json"
+    moved = json.loads(meta_path.read_text())
+    moved["train_config"]["demos"] = "/elsewhere/data/" + demos.name
+    meta_path.write_text(json.dumps(moved))
+    assert main([*base, "--out", str(tmp_path / "elsewhere")]) == 0
+    moved["train_config"]["demos"] = "/elsewhere/data/other.hdf5"
+    meta_path.write_text(json.dumps(moved))
+    capsys.readouterr()
+    assert main(base) == 2
+    assert "(demos differ)" in capsys.readouterr().err
+    meta_path.unlink()
     assert main(base) == 2
     assert "no diffusion_policy_meta.json" in capsys.readouterr().err
