@@ -441,7 +441,8 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
     for run in (run_a, run_b):
         frame = records_frame(load_run(run))
         frames[run] = frame.assign(difficulty=frame["difficulty"].fillna("-"))
-    key = ["task", "split", "difficulty", "perturbation", "episode_index"]
+    # the scene's seed too: the same index under another run seed is another scene, not a pair
+    key = ["task", "split", "difficulty", "perturbation", "episode_index", "seed"]
     a, b = (frames[r][key + ["success"]].drop_duplicates(key) for r in (run_a, run_b))
     paired = a.merge(b, on=key, suffixes=("_a", "_b"))
     if paired.empty:
@@ -471,7 +472,18 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
                 "McNemar p": f"{mcnemar_exact(only_a, only_b):.3g}",
             }
         )
-    return "\n".join([f"A: `{run_a}`", f"B: `{run_b}`", "", markdown_table(pd.DataFrame(rows)), ""])
+    lines = [f"A: `{run_a}`", f"B: `{run_b}`", "", markdown_table(pd.DataFrame(rows)), ""]
+    va, vb = (
+        ", ".join(sorted(set(frames[r]["task_version"].dropna().astype(str)))) or "-" for r in (run_a, run_b)
+    )
+    if va != vb:  # paired by scene; whether the split's rules changed is for the reader
+        lines.append(
+            f"Task versions differ (A: {va}; B: {vb}): "
+            "the pairs are the same scenes, but a split whose success rule changed between the versions "
+            "is not a like-for-like comparison."
+        )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _checkpoint_label(run_dir: Path) -> str:

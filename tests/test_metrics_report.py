@@ -250,6 +250,16 @@ def test_compare_pairs_episodes_and_gives_the_exact_mcnemar_p(tmp_path: Path) ->
     text = compare_runs(tmp_path / "a", tmp_path / "b")
     assert "| bin_picking | seen | - | none | 6 | 4/6 = 66.7%" in text
     assert "| 1 | 3 | 1 | 0.625 |" in text  # both, only A, only B, p = 2 * 5/16
+    assert "Task versions differ" not in text
+    # another run seed: the same indices are other scenes, so nothing pairs
+    reseeded = EpisodeStore(tmp_path / "s" / "episodes.jsonl")
+    reseeded.append(dataclasses.replace(rec(0, success=True), seed=1000))
+    with pytest.raises(DivlaEvalError, match="share no episode"):
+        compare_runs(tmp_path / "a", tmp_path / "s")
+    # another task version: paired, and said
+    newer = EpisodeStore(tmp_path / "v" / "episodes.jsonl")
+    newer.append(dataclasses.replace(rec(0, success=True), task_version="2"))
+    assert "Task versions differ (A: 1; B: 2)" in compare_runs(tmp_path / "a", tmp_path / "v")
     other = EpisodeStore(tmp_path / "c" / "episodes.jsonl")
     other.append(dataclasses.replace(rec(0, success=True), split="unseen"))
     with pytest.raises(DivlaEvalError, match="share no episode"):
