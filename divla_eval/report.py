@@ -448,7 +448,8 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
     if paired.empty:
         conditions = {r: sorted(set(map(tuple, f[key[:4]].values.tolist()))) for r, f in frames.items()}
         raise DivlaEvalError(
-            "the two runs share no episode (task, split, difficulty, perturbation, episode index): "
+            "the two runs share no episode (task, split, difficulty, perturbation, episode index and its "
+            "scene seed: runs with another --seed are other scenes): "
             + "; ".join(f"{r} has {c}" for r, c in conditions.items())
         )
     rows = []
