@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -753,12 +752,9 @@ def _call(argv: list[str], capture: bool = False) -> tuple[int, list[str]]:
 
 def _rates_header(command: str) -> list[str]:
     """The head of the demos-per-hour table: the machine and its load before the collections."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        models = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
-        cpu = models[0].split(":", 1)[1].strip() if models else cpu
-    except OSError:
-        pass
+    from divla_eval.timing import cpu_name
+
+    cpu = cpu_name()
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "unknown"
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     return [

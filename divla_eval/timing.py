@@ -563,16 +563,19 @@ def headline_ratio(df: pd.DataFrame, num: str = "divla", den: str = "openvla") -
     return line
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what `platform` knows: every timing table names it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
     if hasattr(os, "getloadavg"):  # other work on the machine is the main source of noise
         info["load"] = os.getloadavg()[0]
     try:
