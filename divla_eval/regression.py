@@ -161,6 +161,20 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def print_verdict(header: str, rows: list[Row], notes: list[str], failure: str) -> int:
+    """Print a comparison (its header, table and notes) and its verdict: exit code 1 when a row failed,
+    with `failure` formatted with the count and the names of the failed rows."""
+    print(header)
+    print(format_table(rows))
+    for note in notes:
+        print(note)
+    failed = [r.what for r in rows if r.failed]
+    if failed:
+        print(failure.format(n=len(failed), names=", ".join(failed)))
+        return 1
+    return 0
+
+
 def flipped(stored: str | None, new: str | None) -> str | None:
     """Which episodes changed outcome between two outcome strings ("1" success, "0" failure, by
     episode index), e.g. "success -> failure at episodes 3, 7; failure -> success at 12"."""
@@ -414,20 +428,18 @@ def bench_main(argv: list[str] | None = None) -> int:
     except DivlaEvalError as exc:
         print(f"compare.py: error: {exc}", file=sys.stderr)
         return 2
-    print(
+    header = (
         "median / median of the reference matmul timed between its rounds (else the run's "
         f"{REFERENCE}); a benchmark fails past {args.tolerance:g}x its stored ratio"
         + (", in the run and in a rerun" if args.confirm else "")
     )
-    print(format_table(rows))
-    failed = [r for r in rows if r.failed]
-    if failed:
-        print(
-            f"speed regression: {len(failed)} benchmark(s) failed ({', '.join(r.what for r in failed)}); "
-            "MISSING/STALE: store the baseline anew with `nox -s bench_baseline`"
-        )
-        return 1
-    return 0
+    return print_verdict(
+        header,
+        rows,
+        [],
+        "speed regression: {n} benchmark(s) failed ({names}); "
+        "MISSING/STALE: store the baseline anew with `nox -s bench_baseline`",
+    )
 
 
 # --- success: the repository's grid (nox -s regression) ----------------------------------------------
@@ -637,18 +649,12 @@ def grid_main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.baseline}")
         return 0
     rows, notes = compare_cells(baseline, results)
-    print(f"success rates against {args.baseline}: {RULE}")
-    print(format_table(rows))
-    for note in notes:
-        print(f"moved: {note}")
-    failed = [r for r in rows if r.failed]
-    if failed:
-        print(
-            f"regression: {len(failed)} cell(s) failed ({', '.join(r.what for r in failed)}); "
-            "MISSING/STALE: store them anew with --cells NAME --update"
-        )
-        return 1
-    return 0
+    return print_verdict(
+        f"success rates against {args.baseline}: {RULE}",
+        rows,
+        [f"moved: {note}" for note in notes],
+        "regression: {n} cell(s) failed ({names}); MISSING/STALE: store them anew with --cells NAME --update",
+    )
 
 
 def _read_json_object(path: Path) -> dict:
@@ -1026,20 +1032,12 @@ def cmd_regression(args) -> int:
         print(f"stored {args.baseline}: {result['policy']} on {result['grid']['task']}: {measured}")
         return 0
     rows, notes = compare_results(baseline, result, args.tolerance)
-    print(
-        f"regression: {result['policy']} ({source}) against {args.baseline} ({baseline.get('created', '?')})"
+    return print_verdict(
+        f"regression: {result['policy']} ({source}) against {args.baseline} ({baseline.get('created', '?')})",
+        rows,
+        [f"  {note}" for note in notes],
+        "regression: {names} failed; an accepted change is stored with --update",
     )
-    print(format_table(rows))
-    for note in notes:
-        print(f"  {note}")
-    failed = [r for r in rows if r.failed]
-    if failed:
-        print(
-            f"regression: {', '.join(r.what for r in failed)} failed; "
-            "an accepted change is stored with --update"
-        )
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
