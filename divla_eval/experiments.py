@@ -297,6 +297,12 @@ CURVE = Layout(
     checkpoint="checkpoints/{policy}-{task}-v2",
     curve="results/curves/{policy}-{task}",
 )
+# A learning curve of a recipe variant (tag: what changed), beside the policy's own curve.
+CURVE_VARIANT = Layout(
+    train="runs/train/{policy}-{task}-{tag}-curve",
+    checkpoint="checkpoints/{policy}-{task}-{tag}-v2",
+    curve="results/curves/{policy}-{task}-{tag}",
+)
 # A learning-rate decay branched off a learning curve's constant-lr run (tag: wsd + its total steps):
 # a point of the curve (`curve`), and a final model scored like every other row of the tables (`eval`).
 DECAY = Layout(
@@ -416,6 +422,27 @@ for _policy in TRAINED_POLICIES:
             workers=1,
         )
     )
+
+
+# DiVLA learns far more slowly per step than Diffusion Policy on the same demos, and open loop its
+# largest errors are where to reach (x, y), which only the images tell: is the from-scratch ViT's
+# linear patch embedding what holds it back? The same curve with a convolutional stem (hybrid ViT).
+_divla_curve = EXPERIMENTS.get("divla-multitask-curve")
+register(
+    replace(
+        _divla_curve,
+        name="divla-multitask-convstem-curve",
+        description="DiVLA's learning curve with a convolutional stem in front of its SigLIP encoder "
+        "(vision_stem=conv, the hybrid ViT): is the linear patch embedding what slows the from-scratch "
+        "model down? Same demos, steps and grid as divla-multitask-curve",
+        layout=CURVE_VARIANT,
+        tag="convstem",
+        training=replace(
+            _divla_curve.training,
+            model_options=(*_divla_curve.training.model_options, ("vision_stem", "conv")),
+        ),
+    )
+)
 
 
 # The decays measured so far: (policy, total steps); the last `DECAY_STEPS` of them decay. Each starts

@@ -207,6 +207,29 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path):
     np.testing.assert_array_equal(first.actions, again.actions)  # seeded noise: deterministic
 
 
+def test_conv_stem_feeds_siglip_the_same_token_grid_and_survives_a_save(tmp_path):
+    m = tiny_model(vision_stem="conv")
+    b = batch()
+    assert m.encode_images(b["images"]).shape == (3, 4 + 1, 32)  # the patch grid SigLIP's positions expect
+    m(**b)["loss"].backward()  # the stem learns with the rest
+    stem = m.vision.embeddings.patch_embedding
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+    save_model(m, tmp_path / "conv")
+    again = DiVLAPolicy.from_pretrained(tmp_path / "conv").model
+    assert again.cfg.vision_stem == "conv"
+    images, proprio = single_obs(b)
+    noise = torch.randn(1, 8, 7)
+    a = m.eval().act(images, proprio, TEXTS[0], "panda", noise=noise.clone())
+    torch.testing.assert_close(a.actions, again.act(images, proprio, TEXTS[0], "panda", noise=noise).actions)
+
+
+def test_vision_stem_choices_are_checked():
+    with pytest.raises(ValueError, match="vision_stem must be one of patch, conv, got 'cnn'"):
+        tiny_config(vision_stem="cnn")
+    with pytest.raises(ValueError, match="replaces the pretrained SigLIP's patch embedding"):
+        tiny_config(vision_stem="conv", vision_pretrained="/some/siglip")
+
+
 def test_half_precision_checkpoint_loads_as_float32(tmp_path):
     m = tiny_model()
     save_model(m, tmp_path / "half", half=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 from divla_eval.config_io import JsonConfig
 
+VISION_STEMS = ("patch", "conv")
+
 
 @dataclass
 class DiVLAConfig(JsonConfig):
@@ -30,6 +32,12 @@ class DiVLAConfig(JsonConfig):
     vision_layers: int = 2
     vision_heads: int = 4
     patch_size: int = 14
+    vision_stem: str = "patch"
+    """How pixels become SigLIP's input tokens. "patch": SigLIP's own linear embedding of each
+    patch_size square (what a pretrained SigLIP has). "conv": a small convolutional stem whose feature
+    map is pooled to the same patch grid (the "hybrid" ViT of Dosovitskiy et al. 2021, sec. 3.1): a
+    from-scratch encoder gets the locality prior a pretrained one brings, for a diagnostic of whether
+    the from-scratch ViT is what slows the small model down. Not with `vision_pretrained`."""
 
     # --- language backbone (Qwen2 decoder) ------------------------------------------------------------
     text_hidden: int = 128
@@ -106,6 +114,14 @@ class DiVLAConfig(JsonConfig):
                 raise ValueError(f"view_tokens must be square numbers, got {n}")
         if self.chunk % 2 ** (len(self.unet_down_dims) - 1):
             raise ValueError(f"chunk {self.chunk} must be divisible by 2**(len(unet_down_dims)-1)")
+        if self.vision_stem not in VISION_STEMS:
+            valid = ", ".join(VISION_STEMS)
+            raise ValueError(f"vision_stem must be one of {valid}, got {self.vision_stem!r}")
+        if self.vision_stem != "patch" and self.vision_pretrained:
+            raise ValueError(
+                f"vision_stem {self.vision_stem!r} replaces the pretrained SigLIP's patch embedding; "
+                "use 'patch' with vision_pretrained"
+            )
         if self.diffusion_samples < 1:
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:

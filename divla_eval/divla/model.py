@@ -75,7 +75,40 @@ def build_vision(cfg: DiVLAConfig):
             image_size=cfg.image_size,
             patch_size=cfg.patch_size,
         ).to_dict()
-    return SiglipVisionModel(SiglipVisionConfig(**_clean(cfg.vision_config)))
+    model = SiglipVisionModel(SiglipVisionConfig(**_clean(cfg.vision_config)))
+    if cfg.vision_stem == "conv":
+        emb = getattr(model, "vision_model", model).embeddings  # transformers < 5 nests it
+        emb.patch_embedding = ConvStem(emb.config.hidden_size, emb.patch_size)
+    return model
+
+
+class ConvStem(nn.Module):
+    """In place of SigLIP's patch embedding (a Conv2d of kernel = stride = patch size): two stride-2
+    3x3 convolutions, a 1x1 projection to the encoder width, and an average pool to the patch grid
+    SigLIP's position embeddings expect ([B, 3, H, W] -> [B, hidden, H // patch, W // patch])."""
+
+    def __init__(self, hidden: int, patch_size: int, channels: tuple[int, int] = (32, 64)):
+        super().__init__()
+        c1, c2 = channels
+        self.patch_size = patch_size
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, c1, 3, stride=2, padding=1),
+            nn.GroupNorm(8, c1),
+            nn.GELU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+            nn.GroupNorm(8, c2),
+            nn.GELU(),
+            nn.Conv2d(c2, hidden, 1),
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """SigLIP's embeddings cast the pixels to `patch_embedding.weight.dtype`."""
+        return self.convs[0].weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        return F.adaptive_avg_pool2d(self.convs(pixels), grid)
 
 
 def build_language_model(cfg: DiVLAConfig, vocab_size: int, special_ids: dict[str, int]):
