@@ -425,8 +425,9 @@ for _policy in TRAINED_POLICIES:
 
 
 # DiVLA learns far more slowly per step than Diffusion Policy on the same demos, and open loop its
-# largest errors are where to reach (x, y), which only the images tell: is the from-scratch ViT's
-# linear patch embedding what holds it back? The same curve with a convolutional stem (hybrid ViT).
+# errors exceed Diffusion Policy's most where to reach (x, y), which only the images tell: is the
+# from-scratch ViT's linear patch embedding what holds it back? The same curve with a convolutional
+# stem (hybrid ViT).
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")
 register(
     replace(

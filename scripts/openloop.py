@@ -49,7 +49,7 @@ def replay(policy, demo: h5py.Group) -> tuple[list[np.ndarray], list[bool], list
             gripper.append(bool(np.sign(chunk.actions[0][-1]) == np.sign(actions[t][-1])))
             if reasoning is not None and getattr(chunk, "reasoning", None) is not None:
                 phrase.append(chunk.reasoning == reasoning[t])
-        elif k - t % k < horizon and t - t % k + k < len(actions):  # a call follows
+        elif k - t % k < horizon:
             policy.observe(obs)
     return errors, gripper, phrase
 

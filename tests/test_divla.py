@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from divla_eval.divla.config import DiVLAConfig  # noqa: E402
-from divla_eval.divla.model import DiVLAModel  # noqa: E402
+from divla_eval.divla.model import ConvStem, DiVLAModel  # noqa: E402
 from divla_eval.divla.policy import CheckpointError, DiVLAPolicy, check_checkpoint, save_model  # noqa: E402
 from divla_eval.divla.tokenizer import build_tokenizer  # noqa: E402
 from divla_eval.policy import Observation  # noqa: E402
@@ -213,10 +213,11 @@ def test_conv_stem_feeds_siglip_the_same_token_grid_and_survives_a_save(tmp_path
     assert m.encode_images(b["images"]).shape == (3, 4 + 1, 32)  # the patch grid SigLIP's positions expect
     m(**b)["loss"].backward()  # the stem learns with the rest
     stem = m.vision.embeddings.patch_embedding
+    assert isinstance(stem, ConvStem)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
     save_model(m, tmp_path / "conv")
     again = DiVLAPolicy.from_pretrained(tmp_path / "conv").model
-    assert again.cfg.vision_stem == "conv"
+    assert again.cfg.vision_stem == "conv" and isinstance(again.vision.embeddings.patch_embedding, ConvStem)
     images, proprio = single_obs(b)
     noise = torch.randn(1, 8, 7)
     a = m.eval().act(images, proprio, TEXTS[0], "panda", noise=noise.clone())

@@ -77,7 +77,7 @@ def build_vision(cfg: DiVLAConfig):
         ).to_dict()
     model = SiglipVisionModel(SiglipVisionConfig(**_clean(cfg.vision_config)))
     if cfg.vision_stem == "conv":
-        emb = getattr(model, "vision_model", model).embeddings  # transformers < 5 nests it
+        emb = model.embeddings
         emb.patch_embedding = ConvStem(emb.config.hidden_size, emb.patch_size)
     return model
 
@@ -85,7 +85,9 @@ def build_vision(cfg: DiVLAConfig):
 class ConvStem(nn.Module):
     """In place of SigLIP's patch embedding (a Conv2d of kernel = stride = patch size): two stride-2
     3x3 convolutions, a 1x1 projection to the encoder width, and an average pool to the patch grid
-    SigLIP's position embeddings expect ([B, 3, H, W] -> [B, hidden, H // patch, W // patch])."""
+    SigLIP's position embeddings expect ([B, 3, H, W] -> [B, hidden, H // patch, W // patch]). At 84
+    pixels and patch 14 the 21x21 feature map is pooled to 6x6 in bins of 3-4 cells (adaptive pooling),
+    so a token sums convolutional features of its patch instead of a linear map of its pixels."""
 
     def __init__(self, hidden: int, patch_size: int, channels: tuple[int, int] = (32, 64)):
         super().__init__()
