@@ -122,6 +122,17 @@ def test_shapes_and_loss():
     assert (actions >= m.bins.low).all() and (actions <= m.bins.high).all()
 
 
+def test_the_conv_stem_option_is_divlas():
+    """OpenVLA shares DiVLA's backbone, so a change to DiVLA's vision encoder is open to it too."""
+    from divla_eval.divla.model import ConvStem
+
+    m = tiny_model(vision_stem="conv")
+    assert isinstance(m.vision.embeddings.patch_embedding, ConvStem)
+    assert m.encode_images(batch()["images"]).shape == (3, 4 + 1, 32)
+    with pytest.raises(ValueError, match="vision_stem must be one of patch, conv"):
+        OpenVLAConfig(**{**TINY, "vision_stem": "cnn"})
+
+
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
     m = tiny_model()
     b = batch()

@@ -18,6 +18,17 @@ from divla_eval.config_io import JsonConfig
 VISION_STEMS = ("patch", "conv")
 
 
+def check_vision_stem(stem: str, vision_pretrained: str | None) -> None:
+    """`vision_stem` of DiVLA's SigLIP encoder (and OpenVLA's, which shares it)."""
+    if stem not in VISION_STEMS:
+        raise ValueError(f"vision_stem must be one of {', '.join(VISION_STEMS)}, got {stem!r}")
+    if stem != "patch" and vision_pretrained:
+        raise ValueError(
+            f"vision_stem {stem!r} replaces the pretrained SigLIP's patch embedding; use 'patch' with "
+            "vision_pretrained"
+        )
+
+
 @dataclass
 class DiVLAConfig(JsonConfig):
     label = "DiVLA"
@@ -114,14 +125,7 @@ class DiVLAConfig(JsonConfig):
                 raise ValueError(f"view_tokens must be square numbers, got {n}")
         if self.chunk % 2 ** (len(self.unet_down_dims) - 1):
             raise ValueError(f"chunk {self.chunk} must be divisible by 2**(len(unet_down_dims)-1)")
-        if self.vision_stem not in VISION_STEMS:
-            valid = ", ".join(VISION_STEMS)
-            raise ValueError(f"vision_stem must be one of {valid}, got {self.vision_stem!r}")
-        if self.vision_stem != "patch" and self.vision_pretrained:
-            raise ValueError(
-                f"vision_stem {self.vision_stem!r} replaces the pretrained SigLIP's patch embedding; "
-                "use 'patch' with vision_pretrained"
-            )
+        check_vision_stem(self.vision_stem, self.vision_pretrained)
         if self.diffusion_samples < 1:
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:
