@@ -425,25 +425,36 @@ for _policy in TRAINED_POLICIES:
 
 
 # DiVLA learns far more slowly per step than Diffusion Policy on the same demos, and open loop its
-# errors exceed Diffusion Policy's most where to reach (x, y), which only the images tell: is the
-# from-scratch ViT's linear patch embedding what holds it back? The same curve with a convolutional
-# stem (hybrid ViT).
+# errors exceed Diffusion Policy's most where to reach (y), which only the images tell. Each variant
+# below changes one thing about how the images reach the model (docs/curves.md, "Why DiVLA learns
+# slowly"): tag -> (the question, the model options added to the curve's).
+DIVLA_VARIANTS = {
+    "convstem": (
+        "a convolutional stem in front of its SigLIP encoder (vision_stem=conv, the hybrid ViT): is the "
+        "linear patch embedding what slows the from-scratch model down?",
+        (("vision_stem", "conv"),),
+    ),
+    "wrist36": (
+        "the wrist view's whole 6x6 patch grid instead of the paper's 16 pooled tokens "
+        "(view_tokens=[36,36]): does pooling the wrist view cost the grasp its precision?",
+        (("view_tokens", "[36,36]"),),
+    ),
+}
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")
-register(
-    replace(
-        _divla_curve,
-        name="divla-multitask-convstem-curve",
-        description="DiVLA's learning curve with a convolutional stem in front of its SigLIP encoder "
-        "(vision_stem=conv, the hybrid ViT): is the linear patch embedding what slows the from-scratch "
-        "model down? Same demos, steps and grid as divla-multitask-curve",
-        layout=CURVE_VARIANT,
-        tag="convstem",
-        training=replace(
-            _divla_curve.training,
-            model_options=(*_divla_curve.training.model_options, ("vision_stem", "conv")),
-        ),
+for _tag, (_question, _options) in DIVLA_VARIANTS.items():
+    register(
+        replace(
+            _divla_curve,
+            name=f"divla-multitask-{_tag}-curve",
+            description=f"DiVLA's learning curve with {_question} Same demos, steps and grid as "
+            "divla-multitask-curve",
+            layout=CURVE_VARIANT,
+            tag=_tag,
+            training=replace(
+                _divla_curve.training, model_options=(*_divla_curve.training.model_options, *_options)
+            ),
+        )
     )
-)
 
 
 # The decays measured so far: (policy, total steps); the last `DECAY_STEPS` of them decay. Each starts
