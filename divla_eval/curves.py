@@ -12,6 +12,7 @@ rerun skips finished episodes, and a rerun while training goes on adds the snaps
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +187,23 @@ def _started_from(train_dir: Path) -> str:
     return f" The run started at step {step} from `{record.get('run')}`'s checkpoint{fresh} (`--init-from`)."
 
 
+def _model_options(train_dir: Path) -> str:
+    """A sentence for curve.md naming the run's `--model-option`s: two curves of one policy and task
+    (a recipe variant beside the reference) differ only there."""
+    from divla_eval.schema import read_json
+
+    path = Path(train_dir) / "checkpoint" / "trainer_state.json"
+    if not path.is_file():  # the run is gone; its rows stay
+        return ""
+    state = read_json(path)
+    key = state.get("key") if isinstance(state, dict) else None
+    options = key.get("options") if isinstance(key, dict) else None
+    if not isinstance(options, dict) or not options:
+        return ""
+    shown = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in options.items())
+    return f" Model options of the run: `{shown}`."
+
+
 def _train_log(train_dir: Path):
     import pandas as pd
 
@@ -256,6 +274,7 @@ def write_curve(cfg: CurveConfig, command: str) -> tuple[Path, Path]:
         f"Made by `{command}` from `{cfg.train_dir}`. Loss: mean of the logged losses over the 500 steps "
         "before the snapshot. Success: Wilson 95% interval over every cell's episodes."
         + _started_from(cfg.train_dir)
+        + _model_options(cfg.train_dir)
         + "\n\n"
         + markdown_table(shown)
         + "\n\n![curve](curve.png)\n",

@@ -61,6 +61,7 @@ def test_curve_evaluates_every_snapshot_on_the_same_episodes_and_resumes(demos, 
     md = (out / "curve.md").read_text()
     assert "| 2 |" in md and "| 4 |" in md and "0/2" in md and (out / "curve.png").is_file()
     assert "divla-eval curve" in md  # the command that made it
+    assert "`encoder_channels=[8,16] num_keypoints=4" in md  # and the recipe's options
     capsys.readouterr()
     assert main(argv) == 0  # a rerun resumes: nothing left to run
     assert sum(1 for _ in (out / "step-0000004" / "seen" / "episodes.jsonl").open()) == 2
