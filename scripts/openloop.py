@@ -4,7 +4,9 @@ handed to a history policy's `observe`), and compare the first `execute_steps` p
 each call with the recorded ones (and a generated phrase with the recorded one, for policies that
 reason). Separates "the model does not fit the data" (large error on `--mask train`), "it does not
 generalise to new scenes" (large error only on `--mask valid`, the demos training held out) and
-"closed-loop errors compound" (small error in both, low success anyway).
+"closed-loop errors compound" (small error in both, low success anyway). `--swap-images` shows each
+demo another demo's camera images: a policy that looks where the objects are errs much more then, one
+that replays a typical motion from its proprioception hardly changes.
 
     .venv/bin/python scripts/openloop.py --policy divla \
         runs/train/divla-multitask-curve/snapshots/step-0015000 \
@@ -27,10 +29,14 @@ from divla_eval.data.demos import demo_names
 from divla_eval.policy import HistoryPolicy, Observation, make_policy
 
 
-def replay(policy, demo: h5py.Group) -> tuple[list[np.ndarray], list[bool], list[bool]]:
+def replay(
+    policy, demo: h5py.Group, images_from: h5py.Group | None = None
+) -> tuple[list[np.ndarray], list[bool], list[bool]]:
     """One demo, open loop: |predicted - recorded| of each call's executed actions, whether the first
     gripper command's sign matches, and whether the phrase matches (None-free: only policies that
-    return a phrase add to it)."""
+    return a phrase add to it). `images_from`: another demo whose camera images (of the same step, or
+    its last) replace this one's, everything else kept: how much the policy's actions depend on what
+    it sees."""
     meta = policy.metadata
     k = max(1, meta.execute_steps)
     horizon = max(1, meta.obs_horizon) if isinstance(policy, HistoryPolicy) else 1
@@ -39,8 +45,10 @@ def replay(policy, demo: h5py.Group) -> tuple[list[np.ndarray], list[bool], list
     reasoning = demo["reasoning"].asstr()[:] if "reasoning" in demo else None
     policy.reset(instruction, int(demo.attrs.get("seed", 0)))
     errors, gripper, phrase = [], [], []
+    seen = images_from if images_from is not None else demo
+    last = len(seen["actions"]) - 1
     for t in range(len(actions)):
-        images = {c: demo[f"obs/{c}_image"][t] for c in meta.cameras}
+        images = {c: seen[f"obs/{c}_image"][min(t, last)] for c in meta.cameras}
         obs = Observation(images, demo["obs/proprio"][t], instruction, "panda")
         if t % k == 0:
             chunk = policy.infer(obs)
@@ -61,18 +69,27 @@ def main() -> None:
     parser.add_argument("--policy", required=True, help="registered name: divla, diffusion_policy ...")
     parser.add_argument("--mask", default="valid", help="valid (held out) or train (seen in training)")
     parser.add_argument("--demos-to-check", type=int, default=3, help="per demo file")
+    parser.add_argument(
+        "--swap-images",
+        action="store_true",
+        help="show each demo the camera images of the next checked demo of its file (same step): the "
+        "error's rise says how much the actions depend on the images",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     policy = make_policy(args.policy, args.checkpoint)
-    print(f"{args.policy} {args.checkpoint}, {args.mask} demos, {args.demos_to_check} per file")
+    swapped = ", images of the next demo" if args.swap_images else ""
+    print(f"{args.policy} {args.checkpoint}, {args.mask} demos, {args.demos_to_check} per file{swapped}")
     print("file | calls | mean |error| (x y z rx ry rz gripper) | gripper sign | phrase")
     totals: list[list] = [[], [], []]
     for path in args.demos:
         with h5py.File(path, "r") as f:
             rows: list[list] = [[], [], []]
-            for name in demo_names(f, path, args.mask)[: args.demos_to_check]:
-                for acc, got in zip(rows, replay(policy, f["data"][name]), strict=True):
+            names = demo_names(f, path, args.mask)[: args.demos_to_check]
+            for i, name in enumerate(names):
+                other = f["data"][names[(i + 1) % len(names)]] if args.swap_images else None
+                for acc, got in zip(rows, replay(policy, f["data"][name], other), strict=True):
                     acc.extend(got)
         for acc, got in zip(totals, rows, strict=True):
             acc.extend(got)

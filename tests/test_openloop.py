@@ -105,3 +105,23 @@ def test_an_offset_shows_as_that_error_on_every_dimension(openloop, demos):
         demo = f["data/demo_0"]
         errors, _, _ = openloop.replay(Replayer(demo, 4, 1, offset=0.25), demo)
     assert np.allclose(np.mean(errors, axis=0), 0.25)
+
+
+def test_swapped_images_come_from_the_other_demo_at_the_same_step(openloop, demos):
+    """The replayer finds its step by proprioception, so it must still see its own demo's; the images
+    must be the other demo's (its last frame past its end)."""
+    with h5py.File(demos, "r") as f:
+        demo, other = f["data/demo_0"], f["data/demo_1"]
+        shown = []
+
+        class Looker(Replayer):
+            def infer(self, obs):
+                shown.append(obs.images["front"])
+                return super().infer(obs)
+
+        errors, _, _ = openloop.replay(Looker(demo, 4, 1), demo, images_from=other)
+        frames = other["obs/front_image"][:]
+        calls = range(0, len(demo["actions"]), 4)
+    assert np.allclose(errors, 0)  # everything but the images is the demo's own
+    for image, t in zip(shown, calls, strict=True):
+        np.testing.assert_array_equal(image, frames[min(t, len(frames) - 1)])
