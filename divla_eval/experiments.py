@@ -425,9 +425,10 @@ for _policy in TRAINED_POLICIES:
 
 
 # DiVLA learns far more slowly per step than Diffusion Policy on the same demos, and open loop its
-# errors exceed Diffusion Policy's most where to reach (y), which only the images tell. Each variant
-# below changes one thing about how the images reach the model (docs/curves.md, "Why DiVLA learns
-# slowly"): tag -> (the question, the model options added to the curve's).
+# errors exceed Diffusion Policy's most where to reach (y), which only the images tell, and its actions
+# hardly change when it is shown another scene's images. Each variant below changes one thing about
+# how the images reach the model (docs/curves.md, "Why DiVLA learns slowly"): tag -> (the question,
+# the model options added to the curve's).
 DIVLA_VARIANTS = {
     "convstem": (
         "a convolutional stem in front of its SigLIP encoder (vision_stem=conv, the hybrid ViT): is the "
@@ -438,6 +439,11 @@ DIVLA_VARIANTS = {
         "the wrist view's whole 6x6 patch grid instead of the paper's 16 pooled tokens "
         "(view_tokens=[36,36]): does pooling the wrist view cost the grasp its precision?",
         (("view_tokens", "[36,36]"),),
+    ),
+    "viscond": (
+        "every visual token also fed straight to the action head (visual_condition_dim=8; not the "
+        "paper's design): does the head learn to use the images once it has a direct path to them?",
+        (("visual_condition_dim", "8"),),
     ),
 }
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")

@@ -224,6 +224,26 @@ def test_conv_stem_feeds_siglip_the_same_token_grid_and_survives_a_save(tmp_path
     torch.testing.assert_close(a.actions, again.act(images, proprio, TEXTS[0], "panda", noise=noise).actions)
 
 
+def test_the_direct_visual_condition_reaches_the_action_head_and_survives_a_save(tmp_path):
+    m = tiny_model(visual_condition_dim=2)
+    b = batch()
+    out = m(**b)
+    out["l_diff"].backward()  # the diffusion loss alone trains the path
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.visual_condition.parameters())
+    save_model(m, tmp_path / "vis")
+    again = DiVLAPolicy.from_pretrained(tmp_path / "vis").model
+    images, proprio = single_obs(b)
+    noise = torch.randn(1, 8, 7)
+    a = m.eval().act(images, proprio, TEXTS[0], "panda", noise=noise.clone(), reasoning=TEXTS[1])
+    c = again.act(images, proprio, TEXTS[0], "panda", noise=noise.clone(), reasoning=TEXTS[1])
+    torch.testing.assert_close(a.actions, c.actions)
+    generated = [x.act(images, proprio, TEXTS[0], "panda", noise=noise.clone()).actions for x in (m, again)]
+    torch.testing.assert_close(*generated)  # the generating branch conditions on it too
+    assert tiny_model().visual_condition is None  # the paper's path by default
+    with pytest.raises(ValueError, match="visual_condition_dim must be >= 0"):
+        tiny_config(visual_condition_dim=-1)
+
+
 def test_vision_stem_choices_are_checked():
     with pytest.raises(ValueError, match="vision_stem must be one of patch, conv, got 'cnn'"):
         tiny_config(vision_stem="cnn")

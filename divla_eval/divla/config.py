@@ -70,6 +70,11 @@ class DiVLAConfig(JsonConfig):
     action_latent: int = 64
     """Channels of the shared diffusion UNet; each embodiment's head maps its actions in and out."""
     proprio_latent: int = 32
+    visual_condition_dim: int = 0
+    """> 0: the action head is also conditioned on every visual token straight from the encoder, each
+    projected to this many channels (a direct path from the images, as Diffusion Policy's keypoints).
+    Not the paper's design: a diagnostic for a small from-scratch model whose action head, reached only
+    through the action tokens, learns to ignore the images (docs/curves.md). 0: the paper's path."""
     unet_down_dims: tuple[int, ...] = (64, 128)
     step_embed_dim: int = 32
     diffusion_samples: int = 1
@@ -126,6 +131,8 @@ class DiVLAConfig(JsonConfig):
         if self.chunk % 2 ** (len(self.unet_down_dims) - 1):
             raise ValueError(f"chunk {self.chunk} must be divisible by 2**(len(unet_down_dims)-1)")
         check_vision_stem(self.vision_stem, self.vision_pretrained)
+        if self.visual_condition_dim < 0:
+            raise ValueError(f"visual_condition_dim must be >= 0, got {self.visual_condition_dim}")
         if self.diffusion_samples < 1:
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:

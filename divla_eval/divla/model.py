@@ -224,9 +224,14 @@ class DiVLAModel(nn.Module):
             nn.Linear(cfg.projector_dim, cfg.projector_dim),
             nn.LayerNorm(cfg.projector_dim),
         )
+        # the optional direct path from the visual tokens to the action head (`visual_condition_dim`)
+        d_vis = cfg.visual_condition_dim
+        self.visual_condition = nn.Sequential(nn.LayerNorm(th), nn.Linear(th, d_vis)) if d_vis > 0 else None
         self.unet = ConditionalUnet1D(
             input_dim=cfg.action_latent,
-            cond_dim=cfg.num_action_tokens * cfg.projector_dim + cfg.proprio_latent,
+            cond_dim=cfg.num_action_tokens * cfg.projector_dim
+            + cfg.proprio_latent
+            + d_vis * sum(cfg.view_tokens),
             film_dim=th if cfg.reasoning_injection else 0,
             down_dims=cfg.unet_down_dims,
             step_embed_dim=cfg.step_embed_dim,
@@ -303,9 +308,13 @@ class DiVLAModel(nn.Module):
         ids = self.tokenizer(text, add_special_tokens=False).input_ids[: self.cfg.max_reasoning_tokens]
         return [*ids, self.tokenizer.eos_token_id]
 
-    def _condition(self, action_hidden: torch.Tensor, proprio: torch.Tensor, head: EmbodimentHead):
-        proprio = head.proprio(head.normalize_proprio(proprio))
-        return torch.cat([self.projector(action_hidden).flatten(1), proprio], dim=-1)
+    def _condition(self, action_hidden, proprio, head: EmbodimentHead, vis: torch.Tensor):
+        """The UNet's global condition: the projected action tokens, the proprioception and, with
+        `visual_condition_dim`, every visual token `vis` [B, n_vis, hidden] projected."""
+        parts = [self.projector(action_hidden).flatten(1), head.proprio(head.normalize_proprio(proprio))]
+        if self.visual_condition is not None:
+            parts.append(self.visual_condition(vis).flatten(1))
+        return torch.cat(parts, dim=-1)
 
     def _eps(self, head, x, t, cond, r_emb):
         film = r_emb if self.cfg.reasoning_injection else None
@@ -367,7 +376,7 @@ class DiVLAModel(nn.Module):
         l_ntp = F.cross_entropy(self.lm_head(hidden[:, :-1][where]), targets[where])
         weights = is_reason.float()
         r_emb = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
-        cond = self._condition(hidden[:, -k:], proprio, head)
+        cond = self._condition(hidden[:, -k:], proprio, head, vis)
         actions = head.normalize_actions(actions)
         n = self.cfg.diffusion_samples  # several noise draws per observation: the encoders run once
         cond, r_emb_rep, actions = cond.repeat(n, 1), r_emb.repeat(n, 1), actions.repeat(n, 1, 1)
@@ -451,7 +460,7 @@ class DiVLAModel(nn.Module):
                 r_emb = out[:, :n].mean(1)
                 out = out[:, n - 1 :]  # keep the layout [eos, actions...] of the generating branch
         with _stage("divla.condition"):
-            cond = self._condition(out[:, 1:], proprio, head)
+            cond = self._condition(out[:, 1:], proprio, head, vis)
         x = (
             noise
             if noise is not None
