@@ -18,6 +18,18 @@ def demos(tmp_path_factory):
     return path
 
 
+def load_script(name: str):
+    """A file of scripts/ (not a package) imported as a module: `load_script("openloop")`."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # A Diffusion Policy config small enough to train and act in milliseconds (image_size: the test's own);
 # tests import it (`from conftest import TINY_DIFFUSION_POLICY`) rather than keeping copies.
 TINY_DIFFUSION_POLICY = {

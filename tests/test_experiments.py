@@ -4,7 +4,6 @@ exit 2, and the multitask sub-task list has one source."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -12,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from divla_eval import experiments as ex
 from divla_eval.cli import build_parser, main
@@ -350,9 +350,7 @@ def test_the_multitask_sub_tasks_have_one_source():
     from divla_eval import paper
 
     assert paper.MULTITASK_SUBTASKS is SUBTASKS
-    spec = importlib.util.spec_from_file_location("mc", ROOT / "scripts" / "multitask_conditions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("multitask_conditions")
     assert module.SUBTASKS is SUBTASKS
     assert module.CONDITIONS == ("", "-distractors3", "-background3", "-lighting3")
     # no other file spells the list out (in Python or in bash)

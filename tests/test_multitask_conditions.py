@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from test_metrics_report import rec
 
 from divla_eval.records import EpisodeStore
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "multitask_conditions.py"
-
 
 @pytest.fixture(scope="module")
 def conditions():
-    spec = importlib.util.spec_from_file_location("multitask_conditions_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("multitask_conditions")
 
 
 def write_cell(run_dir: Path, episodes: int, successes: set[int]) -> None:

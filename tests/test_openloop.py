@@ -4,24 +4,17 @@ call's steps recorded."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
+from conftest import load_script
 
 from divla_eval.policy import ActionChunk, PolicyMetadata
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "openloop.py"
 
 
 @pytest.fixture(scope="module")
 def openloop():
-    spec = importlib.util.spec_from_file_location("openloop_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("openloop")
 
 
 class Replayer:
