@@ -189,15 +189,11 @@ def _started_from(train_dir: Path) -> str:
 
 def _model_options(train_dir: Path) -> str:
     """A sentence for curve.md naming the run's `--model-option`s: two curves of one policy and task
-    (a recipe variant beside the reference) differ only there."""
-    from divla_eval.schema import read_json
+    (a recipe variant beside the reference) differ only there. The trainer state is there and checked
+    (`trained_policy` read it first)."""
+    from divla_eval.train import read_trainer_state
 
-    path = Path(train_dir) / "checkpoint" / "trainer_state.json"
-    if not path.is_file():  # the run is gone; its rows stay
-        return ""
-    state = read_json(path)
-    key = state.get("key") if isinstance(state, dict) else None
-    options = key.get("options") if isinstance(key, dict) else None
+    options = read_trainer_state(Path(train_dir) / "checkpoint" / "trainer_state.json")["key"].get("options")
     if not isinstance(options, dict) or not options:
         return ""
     shown = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in options.items())
