@@ -43,3 +43,30 @@ TINY_DIFFUSION_POLICY = {
     "train_diffusion_steps": 20,
     "inference_steps": 3,
 }
+
+
+# A DiVLA config as small (28 px images, 32-wide backbones); a model built from it acts in milliseconds.
+TINY_DIVLA = dict(
+    view_tokens=(4, 1),
+    image_size=28,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    text_hidden=32,
+    text_layers=2,
+    text_heads=2,
+    text_kv_heads=1,
+    text_intermediate=64,
+    vocab_size=300,
+    max_reasoning_tokens=4,
+    num_action_tokens=2,
+    projector_dim=16,
+    chunk=8,
+    execute_steps=4,
+    action_latent=16,
+    proprio_latent=8,
+    unet_down_dims=(16, 32),
+    step_embed_dim=16,
+    train_diffusion_steps=20,
+    inference_steps=3,
+)

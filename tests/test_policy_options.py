@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_DIVLA
 
 from divla_eval.cli import main
 from divla_eval.errors import ConfigMismatchError, DivlaEvalError
@@ -180,32 +181,6 @@ def _count_calls(monkeypatch, obj, name) -> list:
 
     monkeypatch.setattr(obj, name, counting)
     return calls
-
-
-TINY_DIVLA = dict(
-    view_tokens=(4, 1),
-    image_size=28,
-    vision_hidden=32,
-    vision_layers=1,
-    vision_heads=2,
-    text_hidden=32,
-    text_layers=2,
-    text_heads=2,
-    text_kv_heads=1,
-    text_intermediate=64,
-    vocab_size=300,
-    max_reasoning_tokens=4,
-    num_action_tokens=2,
-    projector_dim=16,
-    chunk=8,
-    execute_steps=4,
-    action_latent=16,
-    proprio_latent=8,
-    unet_down_dims=(16, 32),
-    step_embed_dim=16,
-    train_diffusion_steps=20,
-    inference_steps=3,
-)
 
 
 def _obs(seed: int = 0) -> Observation:

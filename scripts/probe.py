@@ -1,0 +1,178 @@
+"""Linear probe: can a saved policy's internal features say where an object stands?
+
+`scripts/openloop.py --swap-images` shows *that* a policy's actions ignore the images; this tells
+*where* on the way from the pixels to the action head the object's position is lost. Each demo is
+replayed as an episode shows it (a call every `execute_steps` steps, DiVLA conditioned on the recorded
+phrase) up to its first gripper close, the reach, and the features of every call are captured. A ridge
+regression (cross-validated penalty) fitted on the demos training used (`--mask train`) predicts the
+recorded simulator state entries `--state-index` (an object's x and y) of the held-out demos (`valid`);
+the R^2 there is printed per feature. 1: the feature holds the position linearly; 0: no better than the
+mean.
+
+Features: `proprio` (the robot's own state: a floor, since where the arm starts says nothing of the
+object), and per policy
+    divla:            visual_tokens (the encoder's tokens as the decoder receives them),
+                      decoder_visual (the decoder's last hidden states at those positions),
+                      decoder_mean (its last hidden states averaged over the whole sequence: the
+                      pooled condition of TinyVLA's and DexVLA's diffusion heads),
+                      action_tokens (its last hidden states at the action tokens: what the paper's head
+                      reads), condition (the action head's whole global condition)
+    diffusion_policy: condition (spatial-softmax keypoints and proprioception of its observation steps)
+
+    .venv/bin/python scripts/probe.py --policy divla runs/train/divla-multitask-curve/snapshots/step-0020000 \
+        data/multitask-flip_pot-200.hdf5 --state-index 10 11
+
+The default state indices 10 and 11 are the pot's x and y in flip_pot's flattened MuJoCo state (time,
+then the arm's 7 and the gripper's 2 joint positions, then the pot's free joint).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import h5py
+import numpy as np
+import torch
+
+from divla_eval.data.demos import demo_names
+from divla_eval.policy import HistoryPolicy, Observation, make_policy
+
+
+class Capture:
+    """Wraps the model method that builds the action head's condition and keeps, per call, the named
+    features it sees (flattened, float64)."""
+
+    def __init__(self, policy):
+        self.rows: list[dict[str, np.ndarray]] = []
+        model = policy.model
+        if policy.name == "divla":
+            original = model._condition
+            decoder_out: dict[str, torch.Tensor] = {}
+
+            def keep_decoder(_module, _args, output):
+                decoder_out["hidden"] = output.last_hidden_state
+
+            model.decoder.register_forward_hook(keep_decoder)
+
+            def condition(action_hidden, proprio, head, vis):
+                cond = original(action_hidden, proprio, head, vis)
+                n_vis = vis.shape[1]
+                self.rows.append(
+                    {
+                        "visual_tokens": _flat(vis),
+                        "decoder_visual": _flat(decoder_out["hidden"][:, :n_vis]),
+                        "decoder_mean": _flat(decoder_out["hidden"].mean(1)),
+                        "action_tokens": _flat(action_hidden),
+                        "condition": _flat(cond),
+                    }
+                )
+                return cond
+
+            model._condition = condition
+        elif policy.name == "diffusion_policy":
+            original = model.encode
+
+            def encode(images, proprio):
+                cond = original(images, proprio)
+                self.rows.append({"condition": _flat(cond)})
+                return cond
+
+            model.encode = encode
+        else:
+            raise SystemExit(f"probe knows divla and diffusion_policy, not {policy.name!r}")
+
+
+def _flat(x: torch.Tensor) -> np.ndarray:
+    return x[0].detach().flatten().double().cpu().numpy()
+
+
+def reach_calls(
+    policy, capture: Capture, demo: h5py.Group, state_index: list[int], minus_proprio: list[int]
+) -> list[dict]:
+    """Replay one demo until the gripper first closes; one row of features and targets per call: the
+    state entries, less the proprioception entries `minus_proprio` (the object relative to the hand)."""
+    meta = policy.metadata
+    k = max(1, meta.execute_steps)
+    horizon = max(1, meta.obs_horizon) if isinstance(policy, HistoryPolicy) else 1
+    actions = demo["actions"][:]
+    closes = np.flatnonzero(actions[:, -1] > 0)
+    end = int(closes[0]) if len(closes) else len(actions)
+    instruction = str(demo.attrs["instruction"])
+    reasoning = demo["reasoning"].asstr()[:] if "reasoning" in demo else None
+    policy.reset(instruction, int(demo.attrs.get("seed", 0)))
+    rows = []
+    for t in range(max(end, 1)):
+        images = {c: demo[f"obs/{c}_image"][t] for c in meta.cameras}
+        proprio = demo["obs/proprio"][t]
+        obs = Observation(images, proprio, instruction, "panda")
+        if t % k == 0:
+            if reasoning is not None:
+                obs = Observation(images, proprio, instruction, "panda", expert_reasoning=str(reasoning[t]))
+            policy.infer(obs)
+            row = capture.rows.pop()
+            row["proprio"] = proprio.astype(np.float64)
+            row["target"] = demo["states"][t, state_index] - (proprio[minus_proprio] if minus_proprio else 0)
+            rows.append(row)
+        elif k - t % k < horizon:
+            policy.observe(obs)
+    return rows
+
+
+def r2_scores(train: list[dict], test: list[dict]) -> dict[str, float]:
+    """Held-out R^2 of a ridge fit per feature, penalty chosen by cross-validation on `train`."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y_train = np.stack([r["target"] for r in train])
+    y_test = np.stack([r["target"] for r in test])
+    scores = {}
+    for name in [n for n in train[0] if n != "target"]:
+        fit = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
+        fit.fit(np.stack([r[name] for r in train]), y_train)
+        scores[name] = float(fit.score(np.stack([r[name] for r in test]), y_test))
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("demos", help="one demo file (an HDF5 of `divla-eval collect`)")
+    parser.add_argument("--policy", required=True, help="divla or diffusion_policy")
+    parser.add_argument("--state-index", type=int, nargs="+", default=[10, 11])
+    parser.add_argument(
+        "--minus-proprio-index",
+        type=int,
+        nargs="*",
+        default=[0, 1],
+        help="proprioception entries subtracted from the state entries (default 0 1, the hand's x and y: "
+        "the target is then the object relative to the hand, what a reach needs); none: absolute",
+    )
+    parser.add_argument("--train-demos", type=int, default=80, help="demos the probe is fitted on")
+    parser.add_argument("--test-demos", type=int, default=20, help="held-out demos it is scored on")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    options = {"oracle_reasoning": 1} if args.policy == "divla" else {}
+    policy = make_policy(args.policy, args.checkpoint, options=options)
+    capture = Capture(policy)
+    with h5py.File(args.demos, "r") as f:
+        split = {}
+        for mask, n in (("train", args.train_demos), ("valid", args.test_demos)):
+            split[mask] = [
+                row
+                for name in demo_names(f, args.demos, mask)[:n]
+                for row in reach_calls(
+                    policy, capture, f["data"][name], args.state_index, args.minus_proprio_index
+                )
+            ]
+    scores = r2_scores(split["train"], split["valid"])
+    relative = f" less proprio {args.minus_proprio_index}" if args.minus_proprio_index else ""
+    print(f"{args.policy} {args.checkpoint}: state {args.state_index}{relative} during the reach")
+    print(f"calls: {len(split['train'])} to fit, {len(split['valid'])} held out")
+    for name, r2 in scores.items():
+        print(f"{name:16s} held-out R^2 {r2:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""scripts/probe.py: its R^2 separates a feature that holds the target from one that does not, and it
+captures, for every call of the reach, the features the action head is conditioned on."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from conftest import TINY_DIFFUSION_POLICY, TINY_DIVLA, load_script
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return load_script("probe")
+
+
+def test_r2_is_high_for_a_feature_that_holds_the_target_and_low_for_noise(probe):
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(2, 30))  # one map from the target to the feature, for fit and test
+
+    def rows(n):
+        target = rng.normal(size=(n, 2))
+        mixed = target @ mixing + 0.05 * rng.normal(size=(n, 30))
+        return [
+            {"target": y, "holds": m, "noise": rng.normal(size=30)}
+            for y, m in zip(target, mixed, strict=True)
+        ]
+
+    scores = probe.r2_scores(rows(200), rows(60))
+    assert scores["holds"] > 0.95
+    assert scores["noise"] < 0.1
+
+
+def _divla_checkpoint(tmp_path):
+    import torch
+
+    from divla_eval.divla.config import DiVLAConfig
+    from divla_eval.divla.model import DiVLAModel
+    from divla_eval.divla.policy import save_model
+    from divla_eval.divla.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    texts = ["grasp the blue toy car", "place it in the basket", "the task is done"]
+    save_model(DiVLAModel(DiVLAConfig(**TINY_DIVLA), build_tokenizer(texts, 300)), tmp_path / "divla")
+    return tmp_path / "divla"
+
+
+def _diffusion_policy_checkpoint(tmp_path):
+    import torch
+
+    from baselines.diffusion_policy.config import DiffusionPolicyConfig
+    from baselines.diffusion_policy.model import DiffusionPolicyModel
+    from baselines.diffusion_policy.policy import save_model
+
+    torch.manual_seed(0)
+    save_model(
+        DiffusionPolicyModel(DiffusionPolicyConfig(image_size=28, **TINY_DIFFUSION_POLICY)), tmp_path / "dp"
+    )
+    return tmp_path / "dp"
+
+
+@pytest.mark.parametrize(
+    "name, checkpoint, features",
+    [
+        (
+            "divla",
+            _divla_checkpoint,
+            {"visual_tokens", "decoder_visual", "decoder_mean", "action_tokens", "condition"},
+        ),
+        ("diffusion_policy", _diffusion_policy_checkpoint, {"condition"}),
+    ],
+)
+def test_one_row_per_call_of_the_reach_with_the_hand_relative_target(
+    probe, demos, tmp_path, name, checkpoint, features
+):
+    from divla_eval.policy import make_policy
+
+    options = {"oracle_reasoning": 1} if name == "divla" else {}
+    policy = make_policy(name, str(checkpoint(tmp_path)), options=options)
+    capture = probe.Capture(policy)
+    with h5py.File(demos, "r") as f:
+        demo = f["data/demo_0"]
+        rows = probe.reach_calls(policy, capture, demo, [10, 11], [0, 1])
+        actions, states, proprio = demo["actions"][:], demo["states"][:], demo["obs/proprio"][:]
+    first_close = int(np.flatnonzero(actions[:, -1] > 0)[0])
+    calls = list(range(0, first_close, policy.metadata.execute_steps))
+    assert len(rows) == len(calls) and not capture.rows  # every captured call became a row
+    for row, t in zip(rows, calls, strict=True):
+        assert set(row) == features | {"proprio", "target"}
+        np.testing.assert_allclose(row["target"], states[t, [10, 11]] - proprio[t, [0, 1]])
+    if name == "divla":
+        cfg = policy.model.cfg
+        n_vis, hidden = sum(cfg.view_tokens), cfg.text_hidden
+        assert rows[0]["visual_tokens"].shape == rows[0]["decoder_visual"].shape == (n_vis * hidden,)
+        assert rows[0]["action_tokens"].shape == (cfg.num_action_tokens * hidden,)
+        # the features change with the scene: the probe reads what each call saw
+        assert not np.allclose(rows[0]["visual_tokens"], rows[-1]["visual_tokens"])
