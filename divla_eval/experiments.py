@@ -445,6 +445,12 @@ DIVLA_VARIANTS = {
         "paper's design): does the head learn to use the images once it has a direct path to them?",
         (("visual_condition_dim", "8"),),
     ),
+    "viscond-dec": (
+        "the decoder's last hidden states at every visual position fed to the action head "
+        "(visual_condition_dim=8, visual_condition_source=decoder: the VLM's output embeddings, as "
+        "TinyVLA's and DexVLA's heads read them, unpooled): the viscond test on the paper's side of the VLM",
+        (("visual_condition_dim", "8"), ("visual_condition_source", "decoder")),
+    ),
 }
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")
 for _tag, (_question, _options) in DIVLA_VARIANTS.items():

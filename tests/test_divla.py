@@ -244,6 +244,39 @@ def test_the_direct_visual_condition_reaches_the_action_head_and_survives_a_save
         tiny_config(visual_condition_dim=-1)
 
 
+def test_the_decoder_visual_condition_is_the_same_in_training_and_in_both_inference_branches():
+    """`visual_condition_source="decoder"`: the head reads the decoder's hidden states at the visual
+    positions. Training finds them behind each row's left padding; acting (forced or generated
+    phrase) at the start of the sequence: each must hand the head the same tokens for the same
+    observation, or the head is trained on one thing and run on another."""
+    m = tiny_model(visual_condition_dim=2, visual_condition_source="decoder").eval()
+    seen = []
+    original = m._condition
+
+    def keep(action_hidden, proprio, head, vis):
+        seen.append(vis.detach().clone())
+        return original(action_hidden, proprio, head, vis)
+
+    m._condition = keep
+    b = batch()
+    b["reasonings"] = ["it", TEXTS[3], "grasp the"]  # 3, 7 and 6 tokens: rows padded 4, 0 and 1
+    with torch.no_grad():
+        m(**b)
+        encoded = m.encode_images(b["images"])
+    trained = seen.pop()
+    assert not torch.allclose(trained, encoded, atol=1e-3)  # the decoder's, not the encoder's
+    for i in range(3):
+        images = {c: v[i : i + 1] for c, v in b["images"].items()}
+        proprio = b["proprio"][i : i + 1]
+        m.act(images, proprio, TEXTS[0], "panda", reasoning=b["reasonings"][i])
+        m.act(images, proprio, TEXTS[0], "panda")
+        generated, forced = seen.pop(), seen.pop()
+        torch.testing.assert_close(forced[0], trained[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(generated[0], trained[i], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="visual_condition_source must be one of encoder, decoder"):
+        tiny_config(visual_condition_source="vlm")
+
+
 def test_vision_stem_choices_are_checked():
     with pytest.raises(ValueError, match="vision_stem must be one of patch, conv, got 'cnn'"):
         tiny_config(vision_stem="cnn")

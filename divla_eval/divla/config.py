@@ -16,6 +16,7 @@ from typing import Any
 from divla_eval.config_io import JsonConfig
 
 VISION_STEMS = ("patch", "conv")
+VISUAL_CONDITION_SOURCES = ("encoder", "decoder")
 
 
 def check_vision_stem(stem: str, vision_pretrained: str | None) -> None:
@@ -75,6 +76,12 @@ class DiVLAConfig(JsonConfig):
     projected to this many channels (a direct path from the images, as Diffusion Policy's keypoints).
     Not the paper's design: a diagnostic for a small from-scratch model whose action head, reached only
     through the action tokens, learns to ignore the images (docs/curves.md). 0: the paper's path."""
+    visual_condition_source: str = "encoder"
+    """Where the `visual_condition_dim` path takes the visual tokens from. "encoder": as the decoder
+    receives them. "decoder": the decoder's last hidden states at the visual positions, the VLM's output
+    embeddings there (what TinyVLA's and DexVLA's heads are conditioned on, pooled, where this keeps
+    every position). The visual tokens come first and the decoder is causal, so these have read both
+    views together but not the instruction."""
     unet_down_dims: tuple[int, ...] = (64, 128)
     step_embed_dim: int = 32
     diffusion_samples: int = 1
@@ -133,6 +140,11 @@ class DiVLAConfig(JsonConfig):
         check_vision_stem(self.vision_stem, self.vision_pretrained)
         if self.visual_condition_dim < 0:
             raise ValueError(f"visual_condition_dim must be >= 0, got {self.visual_condition_dim}")
+        if self.visual_condition_source not in VISUAL_CONDITION_SOURCES:
+            raise ValueError(
+                f"visual_condition_source must be one of {', '.join(VISUAL_CONDITION_SOURCES)}, "
+                f"got {self.visual_condition_source!r}"
+            )
         if self.diffusion_samples < 1:
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:

@@ -316,6 +316,17 @@ class DiVLAModel(nn.Module):
             parts.append(self.visual_condition(vis).flatten(1))
         return torch.cat(parts, dim=-1)
 
+    def _visual_source(
+        self, vis: torch.Tensor, hidden: torch.Tensor, vis_start: torch.Tensor
+    ) -> torch.Tensor:
+        """The visual tokens the `visual_condition_dim` path reads: the encoder's `vis` [B, n_vis, h],
+        or (`visual_condition_source="decoder"`) the decoder's last hidden states at their positions,
+        which start at `vis_start` [B] in each row of `hidden` [B, L, h]."""
+        if self.cfg.visual_condition_source == "encoder":
+            return vis
+        at = vis_start.to(hidden.device)[:, None] + torch.arange(vis.shape[1], device=hidden.device)
+        return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+
     def _eps(self, head, x, t, cond, r_emb):
         film = r_emb if self.cfg.reasoning_injection else None
         return head.out(self.unet(head.inp(x), t, cond, film))
@@ -376,7 +387,7 @@ class DiVLAModel(nn.Module):
         l_ntp = F.cross_entropy(self.lm_head(hidden[:, :-1][where]), targets[where])
         weights = is_reason.float()
         r_emb = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
-        cond = self._condition(hidden[:, -k:], proprio, head, vis)
+        cond = self._condition(hidden[:, -k:], proprio, head, self._visual_source(vis, hidden, vis_start))
         actions = head.normalize_actions(actions)
         n = self.cfg.diffusion_samples  # several noise draws per observation: the encoders run once
         cond, r_emb_rep, actions = cond.repeat(n, 1), r_emb.repeat(n, 1), actions.repeat(n, 1, 1)
@@ -390,12 +401,12 @@ class DiVLAModel(nn.Module):
     def generate_reasoning(self, prefix: torch.Tensor):
         """Greedy decoding with the decoder's KV cache. prefix: [1, L, hidden] embeddings.
 
-        Returns (token ids, the cache, the hidden states of the generated tokens so far). Each step
-        feeds one token: the cache holds every earlier key and value.
+        Returns (token ids, the cache, the hidden states of the generated tokens so far, the prefix's
+        last hidden states). Each step feeds one token: the cache holds every earlier key and value.
         """
         with _stage("divla.reasoning_prefix"):
             out = self.decoder(inputs_embeds=prefix, use_cache=True)
-            cache, hiddens, ids = out.cache, [], []
+            cache, hiddens, ids, prefix_hidden = out.cache, [], [], out.last_hidden_state
             logits = self.lm_head(out.last_hidden_state[:, -1])
         eos = self.tokenizer.eos_token_id
         for _ in range(self.cfg.max_reasoning_tokens):
@@ -412,7 +423,7 @@ class DiVLAModel(nn.Module):
                 cache = out.cache
                 hiddens.append(out.last_hidden_state[:, -1])
                 logits = self.lm_head(out.last_hidden_state[:, -1])
-        return ids, cache, hiddens
+        return ids, cache, hiddens, prefix_hidden
 
     @torch.no_grad()
     def act(
@@ -442,7 +453,7 @@ class DiVLAModel(nn.Module):
             prefix = torch.cat([vis, prompt], dim=1)
         eos = self.tokenizer.eos_token_id
         if reasoning is None and reasoning_ids is None:
-            ids, cache, hiddens = self.generate_reasoning(prefix)
+            ids, cache, hiddens, prefix_hidden = self.generate_reasoning(prefix)
             with _stage("divla.action_pass"):
                 eos_emb = self.embed_tokens(torch.tensor([[eos]], device=dev))
                 tail = torch.cat([eos_emb, self.action_tokens[None]], dim=1)
@@ -455,12 +466,16 @@ class DiVLAModel(nn.Module):
                 reason = self.embed_tokens(torch.tensor([ids + [eos]], device=dev))
                 seq = torch.cat([prefix, reason, self.action_tokens[None]], dim=1)
                 hidden = self.decoder(inputs_embeds=seq, use_cache=False).last_hidden_state
+                prefix_hidden = hidden
                 n = reason.shape[1]
                 out = hidden[:, -(n + self.cfg.num_action_tokens) :]
                 r_emb = out[:, :n].mean(1)
                 out = out[:, n - 1 :]  # keep the layout [eos, actions...] of the generating branch
         with _stage("divla.condition"):
-            cond = self._condition(out[:, 1:], proprio, head, vis)
+            vis_start = torch.zeros(1, dtype=torch.long)  # no padding at batch 1: visual tokens first
+            cond = self._condition(
+                out[:, 1:], proprio, head, self._visual_source(vis, prefix_hidden, vis_start)
+            )
         x = (
             noise
             if noise is not None
