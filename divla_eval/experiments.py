@@ -451,6 +451,13 @@ DIVLA_VARIANTS = {
         "TinyVLA's and DexVLA's heads read them, unpooled): the viscond test on the paper's side of the VLM",
         (("visual_condition_dim", "8"), ("visual_condition_source", "decoder")),
     ),
+    "merge": (
+        "7-pixel patches (a 12x12 grid per view) merged into the same 36 and 16 tokens by "
+        "concatenation, as Qwen2-VL's PatchMerger (patch_size=7, token_merge=concat), where the "
+        "reference averages a 6x6 grid of 14-pixel patches: can the encoder then say where a small "
+        "object lies?",
+        (("patch_size", "7"), ("token_merge", "concat")),
+    ),
 }
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")
 for _tag, (_question, _options) in DIVLA_VARIANTS.items():

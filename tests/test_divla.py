@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -222,6 +223,38 @@ def test_conv_stem_feeds_siglip_the_same_token_grid_and_survives_a_save(tmp_path
     noise = torch.randn(1, 8, 7)
     a = m.eval().act(images, proprio, TEXTS[0], "panda", noise=noise.clone())
     torch.testing.assert_close(a.actions, again.act(images, proprio, TEXTS[0], "panda", noise=noise).actions)
+
+
+def test_concat_merge_keeps_where_in_its_block_a_feature_lies_and_survives_a_save(tmp_path):
+    """token_merge "concat" (Qwen2-VL's PatchMerger) against "mean": two patch features swapped inside
+    one token's block change that token, and only that one, under concat; averaging cannot tell."""
+    b = batch(b=1)
+    images = {c: v for c, v in b["images"].items()}
+    feats = torch.randn(2, 16, 32)  # [batch x views, 4x4 patches (28 px, patch 7), vision width]
+    swapped = feats.clone()
+    swapped[0, [0, 1]] = feats[0, [1, 0]]  # front view, row 0, columns 0 and 1: token 0's 2x2 block
+    for merge in ("mean", "concat"):
+        m = tiny_model(patch_size=7, token_merge=merge)
+        tokens = []
+        for f in (feats, swapped):
+            m.vision.forward = lambda f=f, **_: SimpleNamespace(last_hidden_state=f)
+            tokens.append(m.encode_images(images))
+        assert tokens[0].shape == (1, 4 + 1, 32)  # front 2x2 tokens from 2x2 blocks, wrist 1 from all 16
+        moved = (tokens[0] - tokens[1]).abs().amax(-1)[0] > 1e-6
+        assert moved.tolist() == ([True, False, False, False, False] if merge == "concat" else [False] * 5)
+    m = tiny_model(patch_size=7, token_merge="concat")
+    m(**batch())["loss"].backward()  # the mergers learn with the rest
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.mm_projector.parameters())
+    save_model(m, tmp_path / "concat")
+    again = DiVLAPolicy.from_pretrained(tmp_path / "concat").model
+    images, proprio = single_obs(b)
+    noise = torch.randn(1, 8, 7)
+    a = m.eval().act(images, proprio, TEXTS[0], "panda", noise=noise.clone())
+    torch.testing.assert_close(a.actions, again.act(images, proprio, TEXTS[0], "panda", noise=noise).actions)
+    with pytest.raises(ValueError, match="token_merge 'concat' needs each view's token side to divide"):
+        tiny_config(token_merge="concat", view_tokens=(9, 1))  # patch 14 at 28 px: a 2x2 grid
+    with pytest.raises(ValueError, match="token_merge must be one of mean, concat"):
+        tiny_config(token_merge="max")
 
 
 def test_the_direct_visual_condition_reaches_the_action_head_and_survives_a_save(tmp_path):

@@ -22,8 +22,14 @@ def test_r2_is_high_for_a_feature_that_holds_the_target_and_low_for_noise(probe)
         target = rng.normal(size=(n, 2))
         mixed = target @ mixing + 0.05 * rng.normal(size=(n, 30))
         return [
-            {"target": y, "holds": m, "noise": rng.normal(size=30)}
-            for y, m in zip(target, mixed, strict=True)
+            {
+                "target": y,
+                "group": i // 4,
+                "holds": m,
+                "noise": rng.normal(size=30),
+                "proprio": rng.normal(size=3),
+            }
+            for i, (y, m) in enumerate(zip(target, mixed, strict=True))
         ]
 
     scores = probe.r2_scores(rows(200), rows(60))
@@ -86,7 +92,7 @@ def test_one_row_per_call_of_the_reach_with_the_hand_relative_target(
     calls = list(range(0, first_close, policy.metadata.execute_steps))
     assert len(rows) == len(calls) and not capture.rows  # every captured call became a row
     for row, t in zip(rows, calls, strict=True):
-        assert set(row) == features | {"proprio", "target"}
+        assert set(row) == features | {"proprio", "target", "group"}
         np.testing.assert_allclose(row["target"], states[t, [10, 11]] - proprio[t, [0, 1]])
     if name == "divla":
         cfg = policy.model.cfg

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from divla_eval.config_io import JsonConfig
-from divla_eval.divla.config import DiVLAConfig, check_vision_stem
+from divla_eval.divla.config import DiVLAConfig, check_token_merge, check_vision_stem
 
 LABEL = "OpenVLA"
 _DIVLA = DiVLAConfig()  # the backbone sizes below follow DiVLA's defaults wherever those change
@@ -38,6 +38,8 @@ class OpenVLAConfig(JsonConfig):
     patch_size: int = _DIVLA.patch_size
     vision_stem: str = _DIVLA.vision_stem
     """"patch" (SigLIP's) or "conv": as DiVLA's `vision_stem`, so the two backbones stay alike."""
+    token_merge: str = _DIVLA.token_merge
+    """"mean" or "concat": as DiVLA's `token_merge` (the visual tokens are DiVLA's code)."""
 
     # --- language backbone: DiVLA's Qwen2 decoder -------------------------------------------------------
     text_hidden: int = _DIVLA.text_hidden
@@ -75,6 +77,7 @@ class OpenVLAConfig(JsonConfig):
             if round(n**0.5) ** 2 != n:
                 raise ValueError(f"view_tokens must be square numbers, got {n}")
         check_vision_stem(self.vision_stem, self.vision_pretrained)
+        check_token_merge(self.token_merge, self.image_size, self.patch_size, self.view_tokens)
         if self.n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
         if self.action_dim < 1:

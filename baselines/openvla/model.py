@@ -23,7 +23,7 @@ from tokenizers import AddedToken
 from torch import nn
 
 from divla_eval.baselines.openvla.config import OpenVLAConfig
-from divla_eval.divla.model import DiVLAModel, build_language_model, build_vision
+from divla_eval.divla.model import DiVLAModel, build_language_model, build_token_projector, build_vision
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 """OpenVLA's prompt template; the decoder's answer is the action tokens."""
@@ -107,7 +107,7 @@ class OpenVLAModel(nn.Module):
         self._fit_vocabulary(len(tokenizer))
         vh = self.vision.config.hidden_size
         th = self.decoder.config.hidden_size
-        self.mm_projector = nn.Sequential(nn.Linear(vh, th), nn.GELU(), nn.Linear(th, th))
+        self.mm_projector = build_token_projector(cfg, vh, th)
         self.view_embed = nn.Parameter(torch.zeros(len(cfg.cameras), th))
         self.bins = ActionBins(cfg.action_dim, cfg.n_bins)
 

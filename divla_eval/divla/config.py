@@ -10,6 +10,7 @@ Qwen2-VL directory; the sizes below are then read from those checkpoints instead
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,19 @@ from divla_eval.config_io import JsonConfig
 
 VISION_STEMS = ("patch", "conv")
 VISUAL_CONDITION_SOURCES = ("encoder", "decoder")
+TOKEN_MERGES = ("mean", "concat")
+
+
+def check_token_merge(merge: str, image_size: int, patch_size: int, view_tokens: tuple[int, ...]) -> None:
+    """`token_merge` of DiVLA's visual tokens (and OpenVLA's, which shares them)."""
+    if merge not in TOKEN_MERGES:
+        raise ValueError(f"token_merge must be one of {', '.join(TOKEN_MERGES)}, got {merge!r}")
+    side = image_size // patch_size
+    if merge == "concat" and any(side % math.isqrt(n) for n in view_tokens):
+        raise ValueError(
+            f"token_merge 'concat' needs each view's token side to divide the patch grid's side {side} "
+            f"(image_size {image_size} // patch_size {patch_size}); view_tokens {list(view_tokens)} do not"
+        )
 
 
 def check_vision_stem(stem: str, vision_pretrained: str | None) -> None:
@@ -44,6 +58,12 @@ class DiVLAConfig(JsonConfig):
     vision_layers: int = 2
     vision_heads: int = 4
     patch_size: int = 14
+    token_merge: str = "mean"
+    """How a view's patch grid becomes its `view_tokens`. "mean": each token averages the patches it
+    covers (adaptive average pooling). "concat": each token concatenates their features and a per-view
+    MLP maps them to the decoder width, as Qwen2-VL's PatchMerger does for 2x2 patches: where inside
+    the token's block an object lies is kept, which averaging loses. With `patch_size` 7 at 84 px the
+    grid is 12x12: 2x2 blocks make the front view's 36 tokens, 3x3 blocks the wrist view's 16."""
     vision_stem: str = "patch"
     """How pixels become SigLIP's input tokens. "patch": SigLIP's own linear embedding of each
     patch_size square (what a pretrained SigLIP has). "conv": a small convolutional stem whose feature
@@ -138,6 +158,7 @@ class DiVLAConfig(JsonConfig):
         if self.chunk % 2 ** (len(self.unet_down_dims) - 1):
             raise ValueError(f"chunk {self.chunk} must be divisible by 2**(len(unet_down_dims)-1)")
         check_vision_stem(self.vision_stem, self.vision_pretrained)
+        check_token_merge(self.token_merge, self.image_size, self.patch_size, self.view_tokens)
         if self.visual_condition_dim < 0:
             raise ValueError(f"visual_condition_dim must be >= 0, got {self.visual_condition_dim}")
         if self.visual_condition_source not in VISUAL_CONDITION_SOURCES:

@@ -82,6 +82,30 @@ def build_vision(cfg: DiVLAConfig):
     return model
 
 
+def build_token_projector(cfg, vision_hidden: int, text_hidden: int) -> nn.Module:
+    """The map from a view's pooled patch features to decoder-width visual tokens (`mm_projector`).
+    token_merge "mean": one MLP for every view, over each token's averaged patch feature. "concat": one
+    merger per view (Qwen2-VL's PatchMerger: LayerNorm, then an MLP) over each token's block of patch
+    features laid side by side, whose size differs between views."""
+    if cfg.token_merge == "mean":
+        return nn.Sequential(
+            nn.Linear(vision_hidden, text_hidden), nn.GELU(), nn.Linear(text_hidden, text_hidden)
+        )
+    side = cfg.image_size // cfg.patch_size
+    mergers = []
+    for n in cfg.view_tokens:
+        width = vision_hidden * (side // math.isqrt(n)) ** 2
+        mergers.append(
+            nn.Sequential(
+                nn.LayerNorm(width),
+                nn.Linear(width, text_hidden),
+                nn.GELU(),
+                nn.Linear(text_hidden, text_hidden),
+            )
+        )
+    return nn.ModuleList(mergers)
+
+
 class ConvStem(nn.Module):
     """In place of SigLIP's patch embedding (a Conv2d of kernel = stride = patch size): two stride-2
     3x3 convolutions, a 1x1 projection to the encoder width, and an average pool to the patch grid
@@ -214,7 +238,7 @@ class DiVLAModel(nn.Module):
         self.decoder, self.lm_head = build_language_model(cfg, len(tokenizer), special)
         vh = self.vision.config.hidden_size
         th = self.decoder.config.hidden_size
-        self.mm_projector = nn.Sequential(nn.Linear(vh, th), nn.GELU(), nn.Linear(th, th))
+        self.mm_projector = build_token_projector(cfg, vh, th)
         self.view_embed = nn.Parameter(torch.zeros(len(cfg.cameras), th))
         self.action_tokens = nn.Parameter(torch.randn(cfg.num_action_tokens, th) * 0.02)
         # LLaVA-style projector from the action tokens' hidden states into the action head
@@ -294,8 +318,13 @@ class DiVLAModel(nn.Module):
         tokens = []
         for i, n in enumerate(self.cfg.view_tokens):
             k = int(math.isqrt(n))
-            pooled = F.adaptive_avg_pool2d(grid[:, i], k) if k != side else grid[:, i]
-            t = self.mm_projector(pooled.flatten(2).transpose(1, 2))  # [B, n, th]
+            if self.cfg.token_merge == "concat":  # each token: its (side/k)^2 patches side by side
+                s = side // k
+                blocks = grid[:, i].reshape(b, -1, k, s, k, s).permute(0, 2, 4, 3, 5, 1).reshape(b, n, -1)
+                t = self.mm_projector[i](blocks)  # [B, n, th]
+            else:
+                pooled = F.adaptive_avg_pool2d(grid[:, i], k) if k != side else grid[:, i]
+                t = self.mm_projector(pooled.flatten(2).transpose(1, 2))  # [B, n, th]
             tokens.append(t + self.view_embed[i])
         return torch.cat(tokens, dim=1)
 
