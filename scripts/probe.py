@@ -6,8 +6,8 @@ replayed as an episode shows it (a call every `execute_steps` steps, DiVLA condi
 phrase) up to its first gripper close, the reach, and the features of every call are captured. A ridge
 regression (cross-validated penalty) fitted on the demos training used (`--mask train`) predicts the
 recorded simulator state entries `--state-index` (an object's x and y) of the held-out demos (`valid`);
-the R^2 there is printed per feature. 1: the feature holds the position linearly; 0: no better than the
-mean.
+the R^2 there is printed per feature (each fitted with the proprioception beside it, which the head
+always has). 1: the feature holds the position linearly; 0: no better than the mean.
 
 Features: `proprio` (the robot's own state: a floor, since where the arm starts says nothing of the
 object), and per policy
@@ -18,6 +18,8 @@ object), and per policy
                       action_tokens (its last hidden states at the action tokens: what the paper's head
                       reads), condition (the action head's whole global condition)
     diffusion_policy: condition (spatial-softmax keypoints and proprioception of its observation steps)
+    octo:             obs_tokens (the transformer's outputs at the last step's patch and proprioception
+                      tokens), condition (the mean readout token the head reads)
 
     .venv/bin/python scripts/probe.py --policy divla runs/train/divla-multitask-curve/snapshots/step-0020000 \
         data/multitask-flip_pot-200.hdf5 --state-index 10 11
@@ -78,8 +80,22 @@ class Capture:
                 return cond
 
             model.encode = encode
+        elif policy.name == "octo":
+            original = model.transformer_outputs
+
+            def transformer_outputs(images, proprio, text):
+                out = original(images, proprio, text)
+                self.rows.append(
+                    {
+                        "obs_tokens": _flat(out["obs"][:, -1]),
+                        "condition": _flat(out["readout"][:, -1].mean(1)),
+                    }
+                )
+                return out
+
+            model.transformer_outputs = transformer_outputs
         else:
-            raise SystemExit(f"probe knows divla and diffusion_policy, not {policy.name!r}")
+            raise SystemExit(f"probe knows divla, diffusion_policy and octo, not {policy.name!r}")
 
 
 def _flat(x: torch.Tensor) -> np.ndarray:
@@ -111,6 +127,7 @@ def reach_calls(
             policy.infer(obs)
             row = capture.rows.pop()
             row["proprio"] = proprio.astype(np.float64)
+            row["group"] = demo.name
             row["target"] = demo["states"][t, state_index] - (proprio[minus_proprio] if minus_proprio else 0)
             rows.append(row)
         elif k - t % k < horizon:
@@ -119,18 +136,32 @@ def reach_calls(
 
 
 def r2_scores(train: list[dict], test: list[dict]) -> dict[str, float]:
-    """Held-out R^2 of a ridge fit per feature, penalty chosen by cross-validation on `train`."""
-    from sklearn.linear_model import RidgeCV
+    """Held-out R^2 of a ridge fit per feature. The penalty is chosen by 5-fold cross-validation on
+    `train` with whole demos held out (`group`): the calls of one demo share their scene, so folds that
+    split a demo would reward memorising scenes. Every feature is fitted together with the
+    proprioception, which the action head always has: a feature scores above `proprio` alone only by
+    what it adds."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    def design(rows, names):
+        return np.stack([np.concatenate([r[n] for n in names]) for r in rows])
+
     y_train = np.stack([r["target"] for r in train])
     y_test = np.stack([r["target"] for r in test])
+    groups = [r["group"] for r in train]
     scores = {}
-    for name in [n for n in train[0] if n != "target"]:
-        fit = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
-        fit.fit(np.stack([r[name] for r in train]), y_train)
-        scores[name] = float(fit.score(np.stack([r[name] for r in test]), y_test))
+    for name in [n for n in train[0] if n not in ("target", "group")]:
+        names = [name] if name == "proprio" else [name, "proprio"]
+        search = GridSearchCV(
+            make_pipeline(StandardScaler(), Ridge()),
+            {"ridge__alpha": np.logspace(-2, 8, 11)},
+            cv=GroupKFold(n_splits=5),
+        )
+        search.fit(design(train, names), y_train, groups=groups)
+        scores[name] = float(search.score(design(test, names), y_test))
     return scores
 
 
@@ -138,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("demos", help="one demo file (an HDF5 of `divla-eval collect`)")
-    parser.add_argument("--policy", required=True, help="divla or diffusion_policy")
+    parser.add_argument("--policy", required=True, help="divla, diffusion_policy or octo")
     parser.add_argument("--state-index", type=int, nargs="+", default=[10, 11])
     parser.add_argument(
         "--minus-proprio-index",

@@ -70,3 +70,20 @@ TINY_DIVLA = dict(
     train_diffusion_steps=20,
     inference_steps=3,
 )
+
+
+# An Octo config as small (28 px images: 2 x 2 patches per camera); with the real MiniLM text encoder.
+TINY_OCTO = {
+    "stem_channels": [8, 16],
+    "patch_size": 3,  # 28 px -> 14 -> 7 -> 2 x 2 patches per camera
+    "width": 32,
+    "layers": 2,
+    "heads": 2,
+    "mlp_dim": 64,
+    "max_text_tokens": 12,
+    "head_hidden": 32,
+    "head_blocks": 1,
+    "step_embed_dim": 8,
+    "train_diffusion_steps": 20,
+    "inference_steps": 3,
+}

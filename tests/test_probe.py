@@ -6,7 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY_DIFFUSION_POLICY, TINY_DIVLA, load_script
+from conftest import TINY_DIFFUSION_POLICY, TINY_DIVLA, TINY_OCTO, load_script
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,21 @@ def _diffusion_policy_checkpoint(tmp_path):
     return tmp_path / "dp"
 
 
+def _octo_checkpoint(tmp_path):
+    import torch
+
+    from divla_eval.baselines.octo.config import OctoConfig
+    from divla_eval.baselines.octo.model import OctoModel, load_text_encoder
+    from divla_eval.baselines.octo.policy import save_model
+
+    torch.manual_seed(0)
+    encoder = load_text_encoder(OctoConfig.text_encoder)
+    save_model(
+        OctoModel(OctoConfig(**{**TINY_OCTO, "image_size": 28}), text_encoder=encoder), tmp_path / "octo"
+    )
+    return tmp_path / "octo"
+
+
 @pytest.mark.parametrize(
     "name, checkpoint, features",
     [
@@ -74,6 +89,7 @@ def _diffusion_policy_checkpoint(tmp_path):
             {"visual_tokens", "decoder_visual", "decoder_mean", "action_tokens", "condition"},
         ),
         ("diffusion_policy", _diffusion_policy_checkpoint, {"condition"}),
+        ("octo", _octo_checkpoint, {"obs_tokens", "condition"}),
     ],
 )
 def test_one_row_per_call_of_the_reach_with_the_hand_relative_target(
