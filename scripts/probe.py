@@ -31,6 +31,8 @@ then the arm's 7 and the gripper's 2 joint positions, then the pot's free joint)
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -181,6 +183,12 @@ def main() -> None:
     )
     parser.add_argument("--train-demos", type=int, default=80, help="demos the probe is fitted on")
     parser.add_argument("--test-demos", type=int, default=20, help="held-out demos it is scored on")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="a folder: the scores go to its records.jsonl (replacing a record of the same policy, "
+        "checkpoint, demos and target) and probe.md is written anew from all its records",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -203,6 +211,63 @@ def main() -> None:
     print(f"calls: {len(split['train'])} to fit, {len(split['valid'])} held out")
     for name, r2 in scores.items():
         print(f"{name:16s} held-out R^2 {r2:6.3f}")
+    if args.out is not None:
+        meta_file = Path(args.checkpoint) / getattr(policy, "meta_file", "")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        record = {
+            "policy": args.policy,
+            "checkpoint": args.checkpoint,
+            "steps": meta.get("steps"),
+            "demos": Path(args.demos).stem,
+            "target": f"state {args.state_index}{relative}",
+            "calls": [len(split["train"]), len(split["valid"])],
+            "r2": {k: round(v, 3) for k, v in scores.items()},
+        }
+        write_records(args.out, record)
+
+
+FEATURES = (
+    "proprio",
+    "visual_tokens",
+    "decoder_visual",
+    "decoder_mean",
+    "action_tokens",
+    "obs_tokens",
+    "condition",
+)
+"""probe.md's columns, from the pixels' end of a policy to its action head's."""
+
+
+def write_records(out: Path, record: dict) -> None:
+    """Add `record` to out/records.jsonl (a record for the same policy, checkpoint, demos and target is
+    replaced) and write out/probe.md, one row per record, from the file."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "records.jsonl"
+    key = ("policy", "checkpoint", "demos", "target")
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = [r for r in records if any(r[k] != record[k] for k in key)] + [record]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = [
+        "# Linear probe: the object's position relative to the hand, held-out R^2",
+        "",
+        "Written by `scripts/probe.py ... --out` from records.jsonl beside it; each row's command is",
+        "`.venv/bin/python scripts/probe.py --policy POLICY CHECKPOINT data/DEMOS.hdf5 --out DIR`. Every",
+        "feature is fitted beside the proprioception; `proprio` is that alone.",
+        "",
+        "| demos | policy | checkpoint | steps | calls fit / held out | " + " | ".join(FEATURES) + " |",
+        "|---|---|---|---:|---|" + "---:|" * len(FEATURES),
+    ]
+    for r in sorted(records, key=lambda r: (r["demos"], r["policy"], r["steps"] or 0, r["checkpoint"])):
+        cells = [f"{r['r2'][f]:.2f}" if f in r["r2"] else "-" for f in FEATURES]
+        row = [
+            r["demos"],
+            r["policy"],
+            f"`{r['checkpoint']}`",
+            str(r["steps"]),
+            "{} / {}".format(*r["calls"]),
+        ]
+        lines.append("| " + " | ".join(row + cells) + " |")
+    (out / "probe.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -117,3 +117,25 @@ def test_one_row_per_call_of_the_reach_with_the_hand_relative_target(
         assert rows[0]["action_tokens"].shape == (cfg.num_action_tokens * hidden,)
         # the features change with the scene: the probe reads what each call saw
         assert not np.allclose(rows[0]["visual_tokens"], rows[-1]["visual_tokens"])
+
+
+def test_records_replace_their_own_key_and_the_table_is_rebuilt_from_them(probe, tmp_path):
+    def record(checkpoint, demos, r2):
+        return {
+            "policy": "divla",
+            "checkpoint": checkpoint,
+            "steps": 5000,
+            "demos": demos,
+            "target": "state [10, 11] less proprio [0, 1]",
+            "calls": [10, 4],
+            "r2": r2,
+        }
+
+    probe.write_records(tmp_path, record("a", "flip", {"proprio": 0.1, "condition": 0.5}))
+    probe.write_records(tmp_path, record("a", "cube", {"proprio": 0.2, "condition": 0.3}))
+    probe.write_records(tmp_path, record("a", "flip", {"proprio": 0.1, "condition": 0.9}))  # a rerun
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    rows = [line for line in (tmp_path / "probe.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| cube", "| flip"]
+    assert "0.90" in rows[1] and "0.50" not in rows[1] and rows[1].count(" - ") == 5  # 5 features absent
