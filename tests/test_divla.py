@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import TINY_DIVLA
 
 torch = pytest.importorskip("torch")
 
@@ -25,32 +26,8 @@ TEXTS = [
 
 
 def tiny_config(**kw) -> DiVLAConfig:
-    base = dict(
-        view_tokens=(4, 1),
-        image_size=28,
-        vision_hidden=32,
-        vision_layers=1,
-        vision_heads=2,
-        text_hidden=32,
-        text_layers=2,
-        text_heads=2,
-        text_kv_heads=1,
-        text_intermediate=64,
-        vocab_size=300,
-        max_reasoning_tokens=6,
-        num_action_tokens=2,
-        projector_dim=16,
-        chunk=8,
-        execute_steps=4,
-        action_latent=16,
-        proprio_latent=8,
-        unet_down_dims=(16, 32),
-        step_embed_dim=16,
-        train_diffusion_steps=20,
-        inference_steps=3,
-    )
-    base.update(kw)
-    return DiVLAConfig(**base)
+    """The shared tiny config (conftest), with room for 6 phrase tokens."""
+    return DiVLAConfig(**{**TINY_DIVLA, "max_reasoning_tokens": 6, **kw})
 
 
 def tiny_model(**kw) -> DiVLAModel:
