@@ -104,6 +104,19 @@ def _flat(x: torch.Tensor) -> np.ndarray:
     return x[0].detach().flatten().double().cpu().numpy()
 
 
+def untrained(policy, checkpoint: str, options: dict):
+    """`policy`'s architecture freshly initialised (seed 0), with its buffers (the normalisation
+    statistics among them) copied from the trained model, behind the same policy class."""
+    cls = type(policy)
+    torch.manual_seed(0)
+    fresh = cls.build_model(Path(checkpoint), policy.model.cfg)
+    trained = dict(policy.model.named_buffers())
+    with torch.no_grad():
+        for name, buffer in fresh.named_buffers():
+            buffer.copy_(trained[name])
+    return cls(fresh.eval(), **options)
+
+
 def reach_calls(
     policy, capture: Capture, demo: h5py.Group, state_index: list[int], minus_proprio: list[int]
 ) -> list[dict]:
@@ -184,6 +197,12 @@ def main() -> None:
     parser.add_argument("--train-demos", type=int, default=80, help="demos the probe is fitted on")
     parser.add_argument("--test-demos", type=int, default=20, help="held-out demos it is scored on")
     parser.add_argument(
+        "--untrained",
+        action="store_true",
+        help="the checkpoint's architecture with fresh weights (seed 0) and its normalisation statistics: "
+        "what the features hold before training, the floor of what training added",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="a folder: the scores go to its records.jsonl (replacing a record of the same policy, "
@@ -194,6 +213,8 @@ def main() -> None:
     torch.set_num_threads(1)
     options = {"oracle_reasoning": 1} if args.policy == "divla" else {}
     policy = make_policy(args.policy, args.checkpoint, options=options)
+    if args.untrained:
+        policy = untrained(policy, args.checkpoint, options)
     capture = Capture(policy)
     with h5py.File(args.demos, "r") as f:
         split = {}
@@ -216,8 +237,8 @@ def main() -> None:
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         record = {
             "policy": args.policy,
-            "checkpoint": args.checkpoint,
-            "steps": meta.get("steps"),
+            "checkpoint": args.checkpoint + (" (untrained)" if args.untrained else ""),
+            "steps": 0 if args.untrained else meta.get("steps"),
             "demos": Path(args.demos).stem,
             "target": f"state {args.state_index}{relative}",
             "calls": [len(split["train"]), len(split["valid"])],

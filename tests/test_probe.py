@@ -139,3 +139,24 @@ def test_records_replace_their_own_key_and_the_table_is_rebuilt_from_them(probe,
     rows = [line for line in (tmp_path / "probe.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| cube", "| flip"]
     assert "0.90" in rows[1] and "0.50" not in rows[1] and rows[1].count(" - ") == 5  # 5 features absent
+
+
+def test_untrained_keeps_the_architecture_and_the_statistics_and_nothing_learnt(probe, tmp_path):
+    import torch
+
+    from divla_eval.policy import make_policy
+
+    checkpoint = _diffusion_policy_checkpoint(tmp_path)
+    trained = make_policy("diffusion_policy", str(checkpoint))
+    with torch.no_grad():
+        for p in trained.model.parameters():
+            p.add_(1.0)  # "training": every weight moves
+        trained.model.set_stats(-np.ones(7), np.ones(7), np.full(11, 0.5), np.full(11, 2.0))
+    fresh = probe.untrained(trained, str(checkpoint), {})
+    assert type(fresh) is type(trained) and fresh.model is not trained.model
+    for (name, a), (_, b) in zip(
+        fresh.model.named_parameters(), trained.model.named_parameters(), strict=True
+    ):
+        assert a.shape == b.shape and not torch.equal(a, b), name
+    for (name, a), (_, b) in zip(fresh.model.named_buffers(), trained.model.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
