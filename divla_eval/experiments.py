@@ -458,6 +458,12 @@ DIVLA_VARIANTS = {
         "object lies?",
         (("patch_size", "7"), ("token_merge", "concat")),
     ),
+    "alpha01": (
+        "the reasoning loss weighted 0.1 instead of 1 (alpha=0.1; the paper's is 10): at alpha 1 the "
+        "phrase's loss sends the vision encoder 20-40x the gradient the actions' loss does "
+        "(scripts/gradients.py). Does an encoder trained mostly by the actions learn where things are?",
+        (("alpha", "0.1"),),
+    ),
 }
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")
 for _tag, (_question, _options) in DIVLA_VARIANTS.items():
@@ -469,8 +475,9 @@ for _tag, (_question, _options) in DIVLA_VARIANTS.items():
             "divla-multitask-curve",
             layout=CURVE_VARIANT,
             tag=_tag,
-            training=replace(
-                _divla_curve.training, model_options=(*_divla_curve.training.model_options, *_options)
+            training=replace(  # a variant's option replaces the reference's of the same name
+                _divla_curve.training,
+                model_options=tuple({**dict(_divla_curve.training.model_options), **dict(_options)}.items()),
             ),
         )
     )
