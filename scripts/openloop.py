@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 import torch
 
-from divla_eval.data.demos import demo_names
-from divla_eval.policy import HistoryPolicy, Observation, make_policy
+from divla_eval.data.demos import demo_names, episode_calls
+from divla_eval.policy import make_policy
 
 
 def replay(
@@ -37,28 +37,17 @@ def replay(
     return a phrase add to it). `images_from`: another demo whose camera images (of the same step, or
     its last) replace this one's, everything else kept: how much the policy's actions depend on what
     it sees."""
-    meta = policy.metadata
-    k = max(1, meta.execute_steps)
-    horizon = max(1, meta.obs_horizon) if isinstance(policy, HistoryPolicy) else 1
     actions = demo["actions"][:]
-    instruction = str(demo.attrs["instruction"])
     reasoning = demo["reasoning"].asstr()[:] if "reasoning" in demo else None
-    policy.reset(instruction, int(demo.attrs.get("seed", 0)))
     errors, gripper, phrase = [], [], []
-    seen = images_from if images_from is not None else demo
-    last = len(seen["actions"]) - 1
-    for t in range(len(actions)):
-        images = {c: seen[f"obs/{c}_image"][min(t, last)] for c in meta.cameras}
-        obs = Observation(images, demo["obs/proprio"][t], instruction, "panda")
-        if t % k == 0:
-            chunk = policy.infer(obs)
-            n = min(k, len(chunk.actions), len(actions) - t)
-            errors.append(np.abs(np.asarray(chunk.actions[:n]) - actions[t : t + n]).mean(0))
-            gripper.append(bool(np.sign(chunk.actions[0][-1]) == np.sign(actions[t][-1])))
-            if reasoning is not None and getattr(chunk, "reasoning", None) is not None:
-                phrase.append(chunk.reasoning == reasoning[t])
-        elif k - t % k < horizon:
-            policy.observe(obs)
+    k = max(1, policy.metadata.execute_steps)
+    for t, obs in episode_calls(policy, demo, images_from=images_from):
+        chunk = policy.infer(obs)
+        n = min(k, len(chunk.actions), len(actions) - t)
+        errors.append(np.abs(np.asarray(chunk.actions[:n]) - actions[t : t + n]).mean(0))
+        gripper.append(bool(np.sign(chunk.actions[0][-1]) == np.sign(actions[t][-1])))
+        if reasoning is not None and getattr(chunk, "reasoning", None) is not None:
+            phrase.append(chunk.reasoning == reasoning[t])
     return errors, gripper, phrase
 
 

@@ -38,8 +38,8 @@ import h5py
 import numpy as np
 import torch
 
-from divla_eval.data.demos import demo_names
-from divla_eval.policy import HistoryPolicy, Observation, make_policy
+from divla_eval.data.demos import demo_names, episode_calls
+from divla_eval.policy import make_policy
 
 
 class Capture:
@@ -122,31 +122,17 @@ def reach_calls(
 ) -> list[dict]:
     """Replay one demo until the gripper first closes; one row of features and targets per call: the
     state entries, less the proprioception entries `minus_proprio` (the object relative to the hand)."""
-    meta = policy.metadata
-    k = max(1, meta.execute_steps)
-    horizon = max(1, meta.obs_horizon) if isinstance(policy, HistoryPolicy) else 1
     actions = demo["actions"][:]
     closes = np.flatnonzero(actions[:, -1] > 0)
     end = int(closes[0]) if len(closes) else len(actions)
-    instruction = str(demo.attrs["instruction"])
-    reasoning = demo["reasoning"].asstr()[:] if "reasoning" in demo else None
-    policy.reset(instruction, int(demo.attrs.get("seed", 0)))
     rows = []
-    for t in range(max(end, 1)):
-        images = {c: demo[f"obs/{c}_image"][t] for c in meta.cameras}
-        proprio = demo["obs/proprio"][t]
-        obs = Observation(images, proprio, instruction, "panda")
-        if t % k == 0:
-            if reasoning is not None:
-                obs = Observation(images, proprio, instruction, "panda", expert_reasoning=str(reasoning[t]))
-            policy.infer(obs)
-            row = capture.rows.pop()
-            row["proprio"] = proprio.astype(np.float64)
-            row["group"] = demo.name
-            row["target"] = demo["states"][t, state_index] - (proprio[minus_proprio] if minus_proprio else 0)
-            rows.append(row)
-        elif k - t % k < horizon:
-            policy.observe(obs)
+    for t, obs in episode_calls(policy, demo, steps=max(end, 1), with_reasoning=True):
+        policy.infer(obs)
+        row = capture.rows.pop()
+        row["proprio"] = obs.proprio.astype(np.float64)
+        row["group"] = demo.name
+        row["target"] = demo["states"][t, state_index] - (obs.proprio[minus_proprio] if minus_proprio else 0)
+        rows.append(row)
     return rows
 
 

@@ -264,3 +264,32 @@ def _numbers(
             f"numbers; collect it again with {COLLECT}"
         )
     return values
+
+
+def episode_calls(policy, demo: h5py.Group, steps: int | None = None, images_from=None, with_reasoning=False):
+    """Walk a recorded demo as an episode shows it to `policy`: reset it, hand the steps just before
+    each call to a history policy's `observe`, and yield (t, Observation) at every call step (one every
+    `execute_steps`), for the caller's `infer`. The offline checks (scripts/openloop.py,
+    scripts/probe.py) replay demos through this one schedule, which tests hold to the episode loop's.
+
+    `steps`: the first steps only (default all). `images_from`: another demo whose camera images (of
+    the same step, or its last) replace this one's. `with_reasoning`: the recorded phrase rides along
+    as the expert's (what `oracle_reasoning` reads)."""
+    from divla_eval.policy import HistoryPolicy, Observation
+
+    meta = policy.metadata
+    k = max(1, meta.execute_steps)
+    horizon = max(1, meta.obs_horizon) if isinstance(policy, HistoryPolicy) else 1
+    instruction = str(demo.attrs["instruction"])
+    reasoning = demo["reasoning"].asstr()[:] if with_reasoning and "reasoning" in demo else None
+    seen = images_from if images_from is not None else demo
+    last = len(seen["actions"]) - 1
+    policy.reset(instruction, int(demo.attrs.get("seed", 0)))
+    for t in range(len(demo["actions"]) if steps is None else steps):
+        images = {c: seen[f"obs/{c}_image"][min(t, last)] for c in meta.cameras}
+        expert = str(reasoning[t]) if reasoning is not None else None
+        obs = Observation(images, demo["obs/proprio"][t], instruction, "panda", expert_reasoning=expert)
+        if t % k == 0:
+            yield t, obs
+        elif k - t % k < horizon:
+            policy.observe(obs)
