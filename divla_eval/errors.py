@@ -68,3 +68,15 @@ def raise_if_interrupted(exc: BaseException) -> None:
             raise KeyboardInterrupt from exc
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
+
+
+def run_script(main, prog: str) -> None:
+    """Run a script's `main()` (scripts/*.py) as the CLI runs a command: an error the user can fix is
+    one line on stderr, ``PROG: error: <message>``, and exit status 2, not a traceback."""
+    import sys
+
+    try:
+        main()
+    except DivlaEvalError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

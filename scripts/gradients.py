@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from divla_eval.data.dataset import DemoDataset, collate
 from divla_eval.divla import train as divla_train
 from divla_eval.divla.policy import DiVLAPolicy
+from divla_eval.errors import run_script
 
 PARTS = {
     "vision": lambda m: m.vision.parameters(),
@@ -77,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "gradients.py")

@@ -25,7 +25,8 @@ import h5py
 import numpy as np
 import torch
 
-from divla_eval.data.demos import demo_names, episode_calls
+from divla_eval.data.demos import demo_names, episode_calls, open_demos
+from divla_eval.errors import run_script
 from divla_eval.policy import make_policy
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     print("file | calls | mean |error| (x y z rx ry rz gripper) | gripper sign | phrase")
     totals: list[list] = [[], [], []]
     for path in args.demos:
-        with h5py.File(path, "r") as f:
+        with open_demos(path) as f:
             rows: list[list] = [[], [], []]
             names = demo_names(f, path, args.mask)[: args.demos_to_check]
             for i, name in enumerate(names):
@@ -93,4 +94,4 @@ def _row(label: str, errors: list, gripper: list, phrase: list) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "openloop.py")

@@ -38,7 +38,8 @@ import h5py
 import numpy as np
 import torch
 
-from divla_eval.data.demos import demo_names, episode_calls
+from divla_eval.data.demos import demo_names, episode_calls, open_demos
+from divla_eval.errors import run_script
 from divla_eval.policy import make_policy
 
 
@@ -202,7 +203,7 @@ def main() -> None:
     if args.untrained:
         policy = untrained(policy, args.checkpoint, options)
     capture = Capture(policy)
-    with h5py.File(args.demos, "r") as f:
+    with open_demos(args.demos) as f:
         split = {}
         for mask, n in (("train", args.train_demos), ("valid", args.test_demos)):
             split[mask] = [
@@ -278,4 +279,4 @@ def write_records(out: Path, record: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "probe.py")

@@ -160,3 +160,16 @@ def test_untrained_keeps_the_architecture_and_the_statistics_and_nothing_learnt(
         assert a.shape == b.shape and not torch.equal(a, b), name
     for (name, a), (_, b) in zip(fresh.model.named_buffers(), trained.model.named_buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_missing_checkpoint_is_one_line_and_exit_2(probe, demos, capsys, monkeypatch):
+    from divla_eval.errors import run_script
+
+    monkeypatch.setattr("sys.argv", ["probe.py", "--policy", "divla", "/no/such/checkpoint", str(demos)])
+    with pytest.raises(SystemExit) as stop:
+        run_script(probe.main, "probe.py")
+    assert stop.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "probe.py: error: checkpoint directory /no/such/checkpoint does not exist\n"
+    )
