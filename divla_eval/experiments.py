@@ -464,6 +464,14 @@ DIVLA_VARIANTS = {
         "(scripts/gradients.py). Does an encoder trained mostly by the actions learn where things are?",
         (("alpha", "0.1"),),
     ),
+    "keypoints": (
+        "Diffusion Policy's image encoder per camera (a small ResNet ending in 32 spatial-softmax "
+        "keypoints) fed straight to the action head beside the action tokens (keypoint_condition=32; "
+        "not the paper's design): the probe finds the from-scratch SigLIP never learns where the cube "
+        "is, and Diffusion Policy's condition does. Does DiVLA, which also reads the instruction, then "
+        "learn as Diffusion Policy does?",
+        (("keypoint_condition", "32"),),
+    ),
 }
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")
 for _tag, (_question, _options) in DIVLA_VARIANTS.items():

@@ -26,6 +26,7 @@ PARTS = {
     "vision": lambda m: m.vision.parameters(),
     "decoder": lambda m: [*m.mm_projector.parameters(), *m.decoder.parameters()],
     "action head": lambda m: [*m.projector.parameters(), *m.unet.parameters()],
+    "keypoints": lambda m: m.keypoint_encoders.parameters() if m.keypoint_encoders is not None else [],
 }
 """Where the gradients are measured (the visual tokens' projector counts with the decoder it feeds)."""
 

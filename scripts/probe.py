@@ -16,7 +16,8 @@ object), and per policy
                       decoder_mean (its last hidden states averaged over the whole sequence: the
                       pooled condition of TinyVLA's and DexVLA's diffusion heads),
                       action_tokens (its last hidden states at the action tokens: what the paper's head
-                      reads), condition (the action head's whole global condition)
+                      reads), condition (the action head's whole global condition), and with
+                      `keypoint_condition` keypoints (the keypoint encoders' features)
     diffusion_policy: condition (spatial-softmax keypoints and proprioception of its observation steps)
     octo:             obs_tokens (the transformer's outputs at the last step's patch and proprioception
                       tokens), condition (the mean readout token the head reads)
@@ -59,18 +60,19 @@ class Capture:
 
             model.decoder.register_forward_hook(keep_decoder)
 
-            def condition(action_hidden, proprio, head, vis):
-                cond = original(action_hidden, proprio, head, vis)
+            def condition(action_hidden, proprio, head, vis, keypoints):
+                cond = original(action_hidden, proprio, head, vis, keypoints)
                 n_vis = vis.shape[1]
-                self.rows.append(
-                    {
-                        "visual_tokens": _flat(vis),
-                        "decoder_visual": _flat(decoder_out["hidden"][:, :n_vis]),
-                        "decoder_mean": _flat(decoder_out["hidden"].mean(1)),
-                        "action_tokens": _flat(action_hidden),
-                        "condition": _flat(cond),
-                    }
-                )
+                row = {
+                    "visual_tokens": _flat(vis),
+                    "decoder_visual": _flat(decoder_out["hidden"][:, :n_vis]),
+                    "decoder_mean": _flat(decoder_out["hidden"].mean(1)),
+                    "action_tokens": _flat(action_hidden),
+                    "condition": _flat(cond),
+                }
+                if keypoints is not None:
+                    row["keypoints"] = _flat(keypoints)
+                self.rows.append(row)
                 return cond
 
             model._condition = condition
@@ -240,6 +242,7 @@ FEATURES = (
     "decoder_visual",
     "decoder_mean",
     "action_tokens",
+    "keypoints",
     "obs_tokens",
     "condition",
 )

@@ -254,6 +254,48 @@ def test_the_direct_visual_condition_reaches_the_action_head_and_survives_a_save
         tiny_config(visual_condition_dim=-1)
 
 
+def test_the_keypoint_condition_is_trained_by_the_actions_alone_and_read_when_acting(tmp_path):
+    """`keypoint_condition`: Diffusion Policy's keypoint encoders feed the action head directly. The
+    reasoning loss must not reach them (they exist for the actions' sake), the head must read the same
+    features in training and when acting, and they survive a save."""
+    m = tiny_model(keypoint_condition=3, keypoint_channels=(8,), keypoint_feature_dim=5)
+    b = batch()
+    m(**b)["l_ntp"].backward()
+    assert all(p.grad is None for p in m.keypoint_encoders.parameters())
+    m.zero_grad()
+    m(**b)["l_diff"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.keypoint_encoders.parameters())
+    m.eval()
+    seen = []
+    original = m._condition
+
+    def keep(action_hidden, proprio, head, vis, keypoints):
+        seen.append(keypoints.detach().clone())
+        return original(action_hidden, proprio, head, vis, keypoints)
+
+    m._condition = keep
+    with torch.no_grad():
+        m(**b)
+    images, proprio = single_obs(b)
+    noise = torch.randn(1, 8, 7)
+    acted = m.act(images, proprio, TEXTS[0], "panda", noise=noise.clone()).actions
+    trained, generated = seen
+    assert generated.shape == (1, 2 * 5)  # two cameras' features side by side
+    torch.testing.assert_close(generated[0], trained[0], atol=1e-5, rtol=1e-4)
+    m.encode_keypoints = lambda images: torch.zeros(1, 10)  # other features, other actions: read
+    assert not torch.allclose(acted, m.act(images, proprio, TEXTS[0], "panda", noise=noise.clone()).actions)
+    del m.encode_keypoints
+    m._condition = original
+    save_model(m, tmp_path / "kp")
+    again = DiVLAPolicy.from_pretrained(tmp_path / "kp").model
+    torch.testing.assert_close(acted, again.act(images, proprio, TEXTS[0], "panda", noise=noise).actions)
+    assert tiny_model().keypoint_encoders is None  # the paper's path by default
+    with pytest.raises(ValueError, match="keypoint_condition must be >= 0"):
+        tiny_config(keypoint_condition=-1)
+    with pytest.raises(ValueError, match="keypoint_channels 33: must be below 16 or a multiple of 2"):
+        tiny_config(keypoint_condition=2, keypoint_channels=(33,))
+
+
 def test_the_decoder_visual_condition_is_the_same_in_training_and_in_both_inference_branches():
     """`visual_condition_source="decoder"`: the head reads the decoder's hidden states at the visual
     positions. Training finds them behind each row's left padding; acting (forced or generated
@@ -263,9 +305,9 @@ def test_the_decoder_visual_condition_is_the_same_in_training_and_in_both_infere
     seen = []
     original = m._condition
 
-    def keep(action_hidden, proprio, head, vis):
+    def keep(action_hidden, proprio, head, vis, keypoints):
         seen.append(vis.detach().clone())
-        return original(action_hidden, proprio, head, vis)
+        return original(action_hidden, proprio, head, vis, keypoints)
 
     m._condition = keep
     b = batch()

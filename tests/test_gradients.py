@@ -21,10 +21,11 @@ def test_each_loss_reaches_the_parts_it_trains(demos, alpha):
     data = DemoDataset(demos, chunk=TINY_DIVLA["chunk"])
     texts = list(data.instructions.values()) + [t for r in data.reasoning.values() for t in r]
     torch.manual_seed(0)
-    model = DiVLAModel(DiVLAConfig(**{**TINY_DIVLA, "alpha": alpha}), build_tokenizer(texts, 300))
+    cfg = DiVLAConfig(**{**TINY_DIVLA, "alpha": alpha, "keypoint_condition": 2, "keypoint_channels": (8,)})
+    model = DiVLAModel(cfg, build_tokenizer(texts, 300))
     batches = [b for _, b in zip(range(2), DataLoader(data, batch_size=4, collate_fn=collate))]
     norms = gradients.gradient_norms(model, batches)
     assert all(v > 0 for v in norms["l_diff"].values())  # the diffusion loss trains every part
     ntp = norms["alpha*l_ntp"]
-    assert ntp["action head"] == 0  # the phrase is predicted before the action head
+    assert ntp["action head"] == ntp["keypoints"] == 0  # the phrase is predicted before the action head
     assert (ntp["vision"] > 0 and ntp["decoder"] > 0) == (alpha > 0)

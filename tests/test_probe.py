@@ -138,7 +138,7 @@ def test_records_replace_their_own_key_and_the_table_is_rebuilt_from_them(probe,
     assert len(lines) == 2
     rows = [line for line in (tmp_path / "probe.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| cube", "| flip"]
-    assert "0.90" in rows[1] and "0.50" not in rows[1] and rows[1].count(" - ") == 5  # 5 features absent
+    assert "0.90" in rows[1] and "0.50" not in rows[1] and rows[1].count(" - ") == 6  # 6 features absent
 
 
 def test_untrained_keeps_the_architecture_and_the_statistics_and_nothing_learnt(probe, tmp_path):

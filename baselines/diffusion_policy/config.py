@@ -19,13 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from divla_eval.config_io import JsonConfig
+from divla_eval.nn import norm_groups
 
 LABEL = "Diffusion Policy"
-
-
-def norm_groups(channels: int) -> int:
-    """GroupNorm groups for an image-encoder layer: one per 16 channels, as the paper's ResNet."""
-    return max(1, channels // 16)
 
 
 @dataclass(frozen=True)

@@ -19,84 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig, norm_groups
+from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
 from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
-
-
-class ResidualBlock(nn.Module):
-    """ResNet's basic block with GroupNorm in place of BatchNorm: batch statistics would differ
-    between training batches, EMA weights and single-observation inference."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
-            nn.GroupNorm(norm_groups(c_out), c_out),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
-            nn.GroupNorm(norm_groups(c_out), c_out),
-        )
-        self.skip = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.skip = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(norm_groups(c_out), c_out)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.skip(x))
-
-
-class SpatialSoftmax(nn.Module):
-    """Keypoints as expected image coordinates (Levine et al. 2016; robomimic's pooling, which the
-    paper keeps): unlike average pooling it preserves *where* things are, which is what an action
-    needs."""
-
-    def __init__(self, channels: int, num_keypoints: int):
-        super().__init__()
-        self.keypoints = nn.Conv2d(channels, num_keypoints, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.keypoints(x)  # [N, K, H, W]
-        n, k, h, w = f.shape
-        attn = f.flatten(2).softmax(-1).view(n, k, h, w)
-        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
-        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
-        ex = (attn.sum(2) * xs).sum(-1)  # [N, K]
-        ey = (attn.sum(3) * ys).sum(-1)
-        return torch.stack([ex, ey], dim=-1).flatten(1)  # [N, 2K]: (x, y) per keypoint
-
-
-class ImageEncoder(nn.Module):
-    """One camera: stride-2 stem + max-pool (as ResNet's), residual stages, keypoints, projection."""
-
-    def __init__(self, cfg: DiffusionPolicyConfig):
-        super().__init__()
-        chans = cfg.encoder_channels
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, chans[0], 3, 2, 1, bias=False),
-            nn.GroupNorm(norm_groups(chans[0]), chans[0]),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
-        stages, c_in = [], chans[0]
-        for i, c in enumerate(chans):
-            stages.append(ResidualBlock(c_in, c, stride=1 if i == 0 else 2))
-            c_in = c
-        self.stages = nn.Sequential(*stages)
-        self.pool = SpatialSoftmax(c_in, cfg.num_keypoints)
-        self.proj = nn.Linear(2 * cfg.num_keypoints, cfg.feature_dim)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: float [N, 3, H, W] in [0, 1] -> [N, feature_dim]."""
-        return self.proj(self.pool(self.stages(self.stem(images * 2 - 1))))
+from divla_eval.nn.keypoints import KeypointEncoder
 
 
 class DiffusionPolicyModel(NormalizationStats, nn.Module):
     def __init__(self, cfg: DiffusionPolicyConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoders = nn.ModuleDict({c: ImageEncoder(cfg) for c in cfg.cameras})  # not shared, as the paper
+        encoder = (cfg.encoder_channels, cfg.num_keypoints, cfg.feature_dim)
+        self.encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})  # not shared
         self.unet = ConditionalUnet1D(
             input_dim=cfg.action_dim,
             cond_dim=cfg.cond_dim,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from divla_eval.config_io import JsonConfig
+from divla_eval.nn import norm_groups
 
 VISION_STEMS = ("patch", "conv")
 VISUAL_CONDITION_SOURCES = ("encoder", "decoder")
@@ -102,6 +103,16 @@ class DiVLAConfig(JsonConfig):
     embeddings there (what TinyVLA's and DexVLA's heads are conditioned on, pooled, where this keeps
     every position). The visual tokens come first and the decoder is causal, so these have read both
     views together but not the instruction."""
+    keypoint_condition: int = 0
+    """> 0: each camera also gets Diffusion Policy's image encoder (a small ResNet ending in this many
+    spatial-softmax keypoints, `divla_eval.nn.keypoints`), whose feature goes straight to the action
+    head beside the action tokens. Not the paper's design: at this scale the from-scratch SigLIP does
+    not learn where a small object lies (scripts/probe.py, docs/curves.md), which the keypoints'
+    expected coordinates give by construction. Trained by the diffusion loss alone. 0: the paper's path."""
+    keypoint_channels: tuple[int, ...] = (32, 64)
+    """Residual stages of each keypoint encoder (Diffusion Policy's defaults)."""
+    keypoint_feature_dim: int = 64
+    """Per-camera feature of the keypoint path (the keypoints' linear projection)."""
     unet_down_dims: tuple[int, ...] = (64, 128)
     step_embed_dim: int = 32
     diffusion_samples: int = 1
@@ -148,6 +159,7 @@ class DiVLAConfig(JsonConfig):
         self.cameras = tuple(self.cameras)
         self.view_tokens = tuple(int(v) for v in self.view_tokens)
         self.unet_down_dims = tuple(self.unet_down_dims)
+        self.keypoint_channels = tuple(int(c) for c in self.keypoint_channels)
         self.lora_targets = tuple(self.lora_targets)
         self.embodiments = {k: tuple(v) for k, v in self.embodiments.items()}
         if len(self.cameras) != len(self.view_tokens):
@@ -166,6 +178,13 @@ class DiVLAConfig(JsonConfig):
                 f"visual_condition_source must be one of {', '.join(VISUAL_CONDITION_SOURCES)}, "
                 f"got {self.visual_condition_source!r}"
             )
+        if self.keypoint_condition < 0:
+            raise ValueError(f"keypoint_condition must be >= 0, got {self.keypoint_condition}")
+        if not self.keypoint_channels:
+            raise ValueError("keypoint_channels needs at least one entry")
+        for c in self.keypoint_channels:
+            if c % norm_groups(c):  # GroupNorm's groups must divide the channels
+                raise ValueError(f"keypoint_channels {c}: must be below 16 or a multiple of {norm_groups(c)}")
         if self.diffusion_samples < 1:
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:

@@ -33,9 +33,10 @@ from torch.profiler import record_function
 from divla_eval.divla.config import DiVLAConfig
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
 from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
+from divla_eval.nn.keypoints import KeypointEncoder
 
 STAGES = {
-    "divla.vision": "SigLIP on every view, pooling, mm projector",
+    "divla.vision": "SigLIP on every view, pooling, mm projector (and the keypoint encoders, if any)",
     "divla.prompt": "tokenise and embed the instruction",
     "divla.reasoning_prefix": "generation: the decoder pass over [visual tokens, prompt] (fills the cache)",
     "divla.reasoning_token": "generation: one decoder pass per generated reasoning token (KV cache)",
@@ -251,11 +252,18 @@ class DiVLAModel(nn.Module):
         # the optional direct path from the visual tokens to the action head (`visual_condition_dim`)
         d_vis = cfg.visual_condition_dim
         self.visual_condition = nn.Sequential(nn.LayerNorm(th), nn.Linear(th, d_vis)) if d_vis > 0 else None
+        # the optional keypoint path from the pixels to the action head (`keypoint_condition`)
+        self.keypoint_encoders = None
+        if cfg.keypoint_condition > 0:
+            encoder = (cfg.keypoint_channels, cfg.keypoint_condition, cfg.keypoint_feature_dim)
+            self.keypoint_encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})
+        d_kp = cfg.keypoint_feature_dim * len(cfg.cameras) if self.keypoint_encoders is not None else 0
         self.unet = ConditionalUnet1D(
             input_dim=cfg.action_latent,
             cond_dim=cfg.num_action_tokens * cfg.projector_dim
             + cfg.proprio_latent
-            + d_vis * sum(cfg.view_tokens),
+            + d_vis * sum(cfg.view_tokens)
+            + d_kp,
             film_dim=th if cfg.reasoning_injection else 0,
             down_dims=cfg.unet_down_dims,
             step_embed_dim=cfg.step_embed_dim,
@@ -328,6 +336,13 @@ class DiVLAModel(nn.Module):
             tokens.append(t + self.view_embed[i])
         return torch.cat(tokens, dim=1)
 
+    def encode_keypoints(self, images: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The `keypoint_condition` path: camera -> float [B, 3, H, W] in [0, 1] to
+        [B, cameras * keypoint_feature_dim], or None when the model has no such path."""
+        if self.keypoint_encoders is None:
+            return None
+        return torch.cat([self.keypoint_encoders[c](images[c]) for c in self.cfg.cameras], dim=-1)
+
     def prompt_ids(self, instruction: str) -> list[int]:
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []  # Qwen2's tokenizer has none
@@ -337,12 +352,17 @@ class DiVLAModel(nn.Module):
         ids = self.tokenizer(text, add_special_tokens=False).input_ids[: self.cfg.max_reasoning_tokens]
         return [*ids, self.tokenizer.eos_token_id]
 
-    def _condition(self, action_hidden, proprio, head: EmbodimentHead, vis: torch.Tensor):
+    def _condition(
+        self, action_hidden, proprio, head: EmbodimentHead, vis: torch.Tensor, keypoints: torch.Tensor | None
+    ):
         """The UNet's global condition: the projected action tokens, the proprioception and, with
-        `visual_condition_dim`, every visual token `vis` [B, n_vis, hidden] projected."""
+        `visual_condition_dim`, every visual token `vis` [B, n_vis, hidden] projected, and with
+        `keypoint_condition` the keypoint features [B, cameras * keypoint_feature_dim]."""
         parts = [self.projector(action_hidden).flatten(1), head.proprio(head.normalize_proprio(proprio))]
         if self.visual_condition is not None:
             parts.append(self.visual_condition(vis).flatten(1))
+        if keypoints is not None:
+            parts.append(keypoints)
         return torch.cat(parts, dim=-1)
 
     def _visual_source(
@@ -416,7 +436,8 @@ class DiVLAModel(nn.Module):
         l_ntp = F.cross_entropy(self.lm_head(hidden[:, :-1][where]), targets[where])
         weights = is_reason.float()
         r_emb = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
-        cond = self._condition(hidden[:, -k:], proprio, head, self._visual_source(vis, hidden, vis_start))
+        vis_cond = self._visual_source(vis, hidden, vis_start)
+        cond = self._condition(hidden[:, -k:], proprio, head, vis_cond, self.encode_keypoints(images))
         actions = head.normalize_actions(actions)
         n = self.cfg.diffusion_samples  # several noise draws per observation: the encoders run once
         cond, r_emb_rep, actions = cond.repeat(n, 1), r_emb.repeat(n, 1), actions.repeat(n, 1, 1)
@@ -477,6 +498,7 @@ class DiVLAModel(nn.Module):
         dev = proprio.device
         with _stage("divla.vision"):
             vis = self.encode_images(images)
+            keypoints = self.encode_keypoints(images)
         with _stage("divla.prompt"):
             prompt = self.embed_tokens(torch.tensor([self.prompt_ids(instruction)], device=dev))
             prefix = torch.cat([vis, prompt], dim=1)
@@ -502,9 +524,8 @@ class DiVLAModel(nn.Module):
                 out = out[:, n - 1 :]  # keep the layout [eos, actions...] of the generating branch
         with _stage("divla.condition"):
             vis_start = torch.zeros(1, dtype=torch.long)  # no padding at batch 1: visual tokens first
-            cond = self._condition(
-                out[:, 1:], proprio, head, self._visual_source(vis, prefix_hidden, vis_start)
-            )
+            vis_cond = self._visual_source(vis, prefix_hidden, vis_start)
+            cond = self._condition(out[:, 1:], proprio, head, vis_cond, keypoints)
         x = (
             noise
             if noise is not None

@@ -1,2 +1,8 @@
-"""Neural-network pieces shared by the learned policies (DiVLA and the baselines). Importing this
-package imports torch, so the harness modules never import it at top level."""
+"""Neural-network pieces shared by the learned policies (DiVLA and the baselines). Its modules import
+torch, so the harness modules never import them at top level; this file itself does not, so that the
+torch-free configs can share `norm_groups` with the layers they describe."""
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups for an image-encoder layer: one per 16 channels, as the paper's ResNet."""
+    return max(1, channels // 16)
