@@ -472,6 +472,12 @@ DIVLA_VARIANTS = {
         "learn as Diffusion Policy does?",
         (("keypoint_condition", "32"),),
     ),
+    "keypoints-noinj": (
+        "the keypoints variant without the reasoning injection (keypoint_condition=32, "
+        "reasoning_injection=false: TinyVLA's head): the paper's ablation, on the recipe that learns. "
+        "Does FiLM from the phrase help?",
+        (("keypoint_condition", "32"), ("reasoning_injection", "false")),
+    ),
 }
 _divla_curve = EXPERIMENTS.get("divla-multitask-curve")
 for _tag, (_question, _options) in DIVLA_VARIANTS.items():
