@@ -8,6 +8,8 @@ Data flow of one call:
     [..., reasoning, </s>, action tokens x K] --decoder--> K hidden states --projector (MLP+LN)-->
         global condition of a 1-D diffusion UNet over the action chunk (+ proprioception)
     reasoning embedding r (mean hidden state over the reasoning tokens) --FiLM--> every UNet block
+    optional, not the paper's: each camera --Diffusion Policy's keypoint encoder--> a feature in that
+        global condition (`keypoint_condition`)
     embodiment head: actions -> UNet channels -> actions, one small head per robot (single arm,
         bimanual); a new robot adds a head and leaves every shared weight alone.
 
