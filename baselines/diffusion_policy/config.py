@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from divla_eval.config_io import JsonConfig
-from divla_eval.nn import norm_groups
+from divla_eval.nn import check_group_channels
 
 LABEL = "Diffusion Policy"
 
@@ -76,9 +76,7 @@ class DiffusionPolicyConfig(JsonConfig):
             raise ValueError(f"obs_horizon must be >= 1, got {self.obs_horizon}")
         if not self.encoder_channels or not self.unet_down_dims:
             raise ValueError("encoder_channels and unet_down_dims need at least one entry each")
-        for c in self.encoder_channels:
-            if c % norm_groups(c):
-                raise ValueError(f"encoder channels {c}: must be below 16 or a multiple of {norm_groups(c)}")
+        check_group_channels("encoder channels", self.encoder_channels)
         for c in self.unet_down_dims:
             if c % self.unet_groups:
                 raise ValueError(f"unet_down_dims {c}: must be a multiple of unet_groups={self.unet_groups}")

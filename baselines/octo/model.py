@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import Timesteps
 from torch import nn
 
-from divla_eval.baselines.diffusion_policy.config import norm_groups
 from divla_eval.baselines.octo.config import OctoConfig, text_encoder_dir
 from divla_eval.errors import DivlaEvalError
+from divla_eval.nn import norm_groups
 from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
 
 TASK, OBS, READOUT = 0, 1, 2

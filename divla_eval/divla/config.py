@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from divla_eval.config_io import JsonConfig
-from divla_eval.nn import norm_groups
+from divla_eval.nn import check_group_channels
 
 VISION_STEMS = ("patch", "conv")
 VISUAL_CONDITION_SOURCES = ("encoder", "decoder")
@@ -182,9 +182,7 @@ class DiVLAConfig(JsonConfig):
             raise ValueError(f"keypoint_condition must be >= 0, got {self.keypoint_condition}")
         if not self.keypoint_channels:
             raise ValueError("keypoint_channels needs at least one entry")
-        for c in self.keypoint_channels:
-            if c % norm_groups(c):  # GroupNorm's groups must divide the channels
-                raise ValueError(f"keypoint_channels {c}: must be below 16 or a multiple of {norm_groups(c)}")
+        check_group_channels("keypoint_channels", self.keypoint_channels)
         if self.diffusion_samples < 1:
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:

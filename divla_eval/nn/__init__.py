@@ -6,3 +6,11 @@ torch-free configs can share `norm_groups` with the layers they describe."""
 def norm_groups(channels: int) -> int:
     """GroupNorm groups for an image-encoder layer: one per 16 channels, as the paper's ResNet."""
     return max(1, channels // 16)
+
+
+def check_group_channels(label: str, channels: tuple[int, ...]) -> None:
+    """Each of an image encoder's `channels` must split into its `norm_groups` (GroupNorm's rule);
+    `label` names the config field in the error."""
+    for c in channels:
+        if c % norm_groups(c):
+            raise ValueError(f"{label} {c}: must be below 16 or a multiple of {norm_groups(c)}")
