@@ -424,6 +424,8 @@ for _policy in TRAINED_POLICIES:
     )
 
 
+POLICY_LABELS = {"divla": "DiVLA", "octo": "Octo"}
+
 # DiVLA learns far more slowly per step than Diffusion Policy on the same demos, and open loop its
 # errors exceed Diffusion Policy's most where to reach (y), which only the images tell, and its actions
 # hardly change when it is shown another scene's images. Each variant below changes one thing about
@@ -479,22 +481,33 @@ DIVLA_VARIANTS = {
         (("keypoint_condition", "32"), ("reasoning_injection", "false")),
     ),
 }
-_divla_curve = EXPERIMENTS.get("divla-multitask-curve")
-for _tag, (_question, _options) in DIVLA_VARIANTS.items():
-    register(
-        replace(
-            _divla_curve,
-            name=f"divla-multitask-{_tag}-curve",
-            description=f"DiVLA's learning curve with {_question} Same demos, steps and grid as "
-            "divla-multitask-curve",
-            layout=CURVE_VARIANT,
-            tag=_tag,
-            training=replace(  # a variant's option replaces the reference's of the same name
-                _divla_curve.training,
-                model_options=tuple({**dict(_divla_curve.training.model_options), **dict(_options)}.items()),
-            ),
+# Octo reads the images through its own from-scratch stem and transformer, and its readout loses where
+# the objects are (scripts/probe.py): the same test as DiVLA's keypoints variant.
+OCTO_VARIANTS = {
+    "keypoints": (
+        "Diffusion Policy's image encoder on each camera's latest image (32 spatial-softmax keypoints) "
+        "fed straight to the diffusion head beside the readout (keypoint_condition=32; not Octo's "
+        "design): does Octo learn once the head has a direct path to where things are, as DiVLA did?",
+        (("keypoint_condition", "32"),),
+    ),
+}
+for _policy, _variants in (("divla", DIVLA_VARIANTS), ("octo", OCTO_VARIANTS)):
+    _curve = EXPERIMENTS.get(f"{_policy}-multitask-curve")
+    for _tag, (_question, _options) in _variants.items():
+        register(
+            replace(
+                _curve,
+                name=f"{_policy}-multitask-{_tag}-curve",
+                description=f"{POLICY_LABELS[_policy]}'s learning curve with {_question} Same demos, "
+                f"steps and grid as {_curve.name}",
+                layout=CURVE_VARIANT,
+                tag=_tag,
+                training=replace(  # a variant's option replaces the reference's of the same name
+                    _curve.training,
+                    model_options=tuple({**dict(_curve.training.model_options), **dict(_options)}.items()),
+                ),
+            )
         )
-    )
 
 
 # The decays measured so far: (policy, total steps); the last `DECAY_STEPS` of them decay. Each starts

@@ -20,7 +20,8 @@ object), and per policy
                       `keypoint_condition` keypoints (the keypoint encoders' features)
     diffusion_policy: condition (spatial-softmax keypoints and proprioception of its observation steps)
     octo:             obs_tokens (the transformer's outputs at the last step's patch and proprioception
-                      tokens), condition (the mean readout token the head reads)
+                      tokens), condition (what the head reads: the mean readout token and, with
+                      `keypoint_condition`, the keypoint features), keypoints (those features)
 
     .venv/bin/python scripts/probe.py --policy divla runs/train/divla-multitask-curve/snapshots/step-0020000 \
         data/multitask-flip_pot-200.hdf5 --state-index 10 11
@@ -86,19 +87,24 @@ class Capture:
 
             model.encode = encode
         elif policy.name == "octo":
-            original = model.transformer_outputs
+            original_outputs, original_condition = model.transformer_outputs, model.condition
+            pending = {}
 
             def transformer_outputs(images, proprio, text):
-                out = original(images, proprio, text)
-                self.rows.append(
-                    {
-                        "obs_tokens": _flat(out["obs"][:, -1]),
-                        "condition": _flat(out["readout"][:, -1].mean(1)),
-                    }
-                )
+                out = original_outputs(images, proprio, text)
+                pending["obs_tokens"] = _flat(out["obs"][:, -1])
                 return out
 
+            def condition(images, proprio, text):  # calls the patched transformer_outputs first
+                cond = original_condition(images, proprio, text)
+                row = {"obs_tokens": pending.pop("obs_tokens"), "condition": _flat(cond)}
+                if model.keypoint_encoders is not None:
+                    row["keypoints"] = _flat(cond[:, model.cfg.width :])
+                self.rows.append(row)
+                return cond
+
             model.transformer_outputs = transformer_outputs
+            model.condition = condition
         else:
             raise SystemExit(f"probe knows divla, diffusion_policy and octo, not {policy.name!r}")
 

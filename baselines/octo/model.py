@@ -9,6 +9,8 @@ Data flow of one call:
         --transformer with a block-causal mask--> the last step's readout embedding
     noise [chunk * action_dim] --10 DDIM steps of an MLP-ResNet conditioned on the readout--> a chunk
         in [-1, 1] --min-max--> actions
+    optional, not Octo's: each camera's latest image --Diffusion Policy's keypoint encoder--> a feature
+        beside the readout in the head's condition (`keypoint_condition`)
 
 The attention mask carries Octo's design: task tokens see only task tokens; step t's observation tokens see
 the task and the observations of steps <= t; a readout sees the same plus its own group's readouts
@@ -32,6 +34,7 @@ from divla_eval.baselines.octo.config import OctoConfig, text_encoder_dir
 from divla_eval.errors import DivlaEvalError
 from divla_eval.nn import norm_groups
 from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
+from divla_eval.nn.keypoints import KeypointEncoder
 
 TASK, OBS, READOUT = 0, 1, 2
 """Token kinds in the attention mask."""
@@ -162,14 +165,15 @@ class DiffusionMLPHead(nn.Module):
             nn.SiLU(),
             nn.Linear(2 * s, s),
         )
-        self.inp = nn.Linear(n + cfg.width + s, cfg.head_hidden)
+        self.inp = nn.Linear(n + cfg.width + cfg.keypoint_dim + s, cfg.head_hidden)
         self.blocks = nn.Sequential(
             *(MLPResBlock(cfg.head_hidden, cfg.dropout) for _ in range(cfg.head_blocks))
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(cfg.head_hidden, n))
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x: [B, chunk, A]; timestep: scalar or [B]; cond: [B, width] -> predicted noise like x."""
+        """x: [B, chunk, A]; timestep: scalar or [B]; cond: [B, width + keypoint_dim] -> predicted
+        noise like x."""
         if timestep.dim() == 0:
             timestep = timestep.expand(x.shape[0])
         h = torch.cat([x.flatten(1), cond, self.step_embed(timestep.to(x.device))], dim=-1)
@@ -207,6 +211,11 @@ class OctoModel(NormalizationStats, nn.Module):
         self.transformer = nn.TransformerEncoder(
             layer, cfg.layers, norm=nn.LayerNorm(w), enable_nested_tensor=False
         )
+        # the optional keypoint path from the pixels to the head (`keypoint_condition`)
+        self.keypoint_encoders = None
+        if cfg.keypoint_condition > 0:
+            encoder = (cfg.keypoint_channels, cfg.keypoint_condition, cfg.keypoint_feature_dim)
+            self.keypoint_encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})
         self.head = DiffusionMLPHead(cfg)
         # the robot's normalisation statistics: buffers, so they travel inside the weights file
         self._register_stats(cfg.action_dim, cfg.proprio_dim)
@@ -247,9 +256,24 @@ class OctoModel(NormalizationStats, nn.Module):
     def readout(
         self, images: dict[str, torch.Tensor], proprio: torch.Tensor, text: TextTokens
     ) -> torch.Tensor:
-        """The head's condition [B, W]: the mean of the last step's readout tokens (the action chunk
-        starts at the last observed step)."""
+        """The mean of the last step's readout tokens [B, W] (the action chunk starts at the last
+        observed step)."""
         return self.transformer_outputs(images, proprio, text)["readout"][:, -1].mean(1)
+
+    def encode_keypoints(self, images: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The `keypoint_condition` path on each camera's latest image: [B, keypoint_dim], or None
+        when the model has no such path."""
+        if self.keypoint_encoders is None:
+            return None
+        return torch.cat([self.keypoint_encoders[c](images[c][:, -1]) for c in self.cfg.cameras], dim=-1)
+
+    def condition(
+        self, images: dict[str, torch.Tensor], proprio: torch.Tensor, text: TextTokens
+    ) -> torch.Tensor:
+        """The head's condition [B, W + keypoint_dim]: the readout, then the keypoint features if any."""
+        cond = self.readout(images, proprio, text)
+        keypoints = self.encode_keypoints(images)
+        return cond if keypoints is None else torch.cat([cond, keypoints], dim=-1)
 
     # --- training -------------------------------------------------------------------------------------
     def forward(
@@ -262,7 +286,7 @@ class OctoModel(NormalizationStats, nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The epsilon-prediction loss on raw `actions` [B, chunk, A]; chunks past a demo's end repeat
         its last action, as for the other diffusion heads."""
-        cond = self.readout(images, proprio, text)
+        cond = self.condition(images, proprio, text)
         x0 = self.normalize_actions(actions)
         noise, t = training_noise(x0.shape, self.cfg.train_diffusion_steps, generator, x0.device)
         noisy = self.train_scheduler.add_noise(x0, noise, t)
@@ -281,7 +305,7 @@ class OctoModel(NormalizationStats, nn.Module):
     ) -> torch.Tensor:
         """A chunk of actions [B, chunk, A] in the robot's units. The transformer runs once; only
         the small head runs at every denoising step."""
-        cond = self.readout(images, proprio, text)
+        cond = self.condition(images, proprio, text)
         shape = (cond.shape[0], self.cfg.chunk, self.cfg.action_dim)
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=cond.device)
         # `inference_steps`: a policy's override of the config's DDIM steps (the config is left as is)
