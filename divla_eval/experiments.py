@@ -641,6 +641,10 @@ class Overrides:
     threads: int | None = None
     steps: int | None = None
     curve_every: int | None = None
+    init_from: str | None = None
+    """train: where a training whose run directory was lost starts from (`train --init-from`: a
+    saved policy such as the shipped copy, or a run); replaces the experiment's own. A training that
+    has its own checkpoint resumes from it and ignores this."""
 
 
 @dataclass(frozen=True)
@@ -687,8 +691,8 @@ def train_command(exp: Experiment, o: Overrides) -> tuple[str, ...]:
         cmd += ["--schedule", t.schedule]
     if t.decay_steps:
         cmd += ["--decay-steps", str(t.decay_steps)]
-    if t.init_from:
-        cmd += ["--init-from", t.init_from]
+    if o.init_from or t.init_from:
+        cmd += ["--init-from", o.init_from or t.init_from]
     if t.snapshot_every:
         cmd += ["--snapshot-every", str(t.snapshot_every)]
     cmd += ["--threads", str(o.threads or t.threads), "--no-progress"]
@@ -969,6 +973,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default 1)")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (extends a training)")
     p.add_argument("--curve-every", type=_positive_int, default=None, help="curve: every k-th snapshot")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PATH",
+        help="train: start a training whose runs/ directory was lost from this saved policy (e.g. its "
+        "shipped copy in checkpoints/, weights only, a fresh optimiser) or run; a training that has "
+        "its own checkpoint resumes from that instead",
+    )
     return p
 
 
@@ -988,11 +1000,14 @@ def run_command(args) -> int:
     exp = EXPERIMENTS.get(args.name)
     stages = parse_stages(exp, args.stage)
     cells = tuple(n for text in args.cells for n in text.replace(",", " ").split())
-    overrides = Overrides(cells, args.episodes, args.workers, args.threads, args.steps, args.curve_every)
+    overrides = Overrides(
+        cells, args.episodes, args.workers, args.threads, args.steps, args.curve_every, args.init_from
+    )
     select_cells(exp, cells)  # an unknown cell is refused before anything runs
     for flag, value, stage in (
         ("--steps", args.steps, "train"),
         ("--curve-every", args.curve_every, "curve"),
+        ("--init-from", args.init_from, "train"),
     ):
         if value is not None and stage not in exp.stages:
             raise DivlaEvalError(f"{flag}: experiment {exp.name} has no {stage} stage")

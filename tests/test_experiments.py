@@ -255,6 +255,23 @@ def test_unknown_names_stages_and_cells_are_one_line_and_exit_2(capsys):
     assert "valid: demo-rates" in _error(capsys)
     assert "has no curve stage" in _error(capsys, "divla-multitask", "--curve-every", "2")
     assert "has no train stage" in _error(capsys, "random-multitask", "--steps", "100")
+    assert "has no train stage" in _error(capsys, "random-multitask", "--init-from", "checkpoints/x")
+
+
+def test_init_from_continues_a_lost_training_from_its_shipped_copy(capsys):
+    """`--init-from` (a training whose runs/ was lost) is passed to `train`, and replaces the
+    experiment's own source (a wsd branch's)."""
+    ship = "checkpoints/divla-multitask-keypoints-v2"
+    argv = ["experiment", "divla-multitask-keypoints-curve", "--stage", "train", "--dry-run"]
+    assert main([*argv, "--init-from", ship]) == 0
+    train = capsys.readouterr().out.splitlines()[-1].split()
+    assert train[train.index("--init-from") + 1] == ship and train.count("--init-from") == 1
+    assert main(argv) == 0
+    assert "--init-from" not in capsys.readouterr().out
+    argv = ["experiment", "diffusion_policy-multitask-wsd35k", "--stage", "train", "--dry-run"]
+    assert main([*argv, "--init-from", "runs/train/elsewhere"]) == 0
+    train = capsys.readouterr().out.splitlines()[1].split()
+    assert train[train.index("--init-from") + 1] == "runs/train/elsewhere" and train.count("--init-from") == 1
 
 
 def test_an_unknown_experiment_from_the_shell_is_one_line(tmp_path):
