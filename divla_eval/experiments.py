@@ -424,7 +424,7 @@ for _policy in TRAINED_POLICIES:
     )
 
 
-POLICY_LABELS = {"divla": "DiVLA", "octo": "Octo"}
+POLICY_LABELS = {"divla": "DiVLA", "octo": "Octo", "openvla": "OpenVLA"}
 
 # DiVLA learns far more slowly per step than Diffusion Policy on the same demos, and open loop its
 # errors exceed Diffusion Policy's most where to reach (y), which only the images tell, and its actions
@@ -491,7 +491,17 @@ OCTO_VARIANTS = {
         (("keypoint_condition", "32"),),
     ),
 }
-for _policy, _variants in (("divla", DIVLA_VARIANTS), ("octo", OCTO_VARIANTS)):
+# OpenVLA shares DiVLA's from-scratch SigLIP, and has no action head to feed keypoints to: they enter as
+# visual tokens.
+OPENVLA_VARIANTS = {
+    "keypoints": (
+        "one Diffusion Policy keypoint token per camera (32 spatial-softmax keypoints projected to the "
+        "decoder's width) after the SigLIP tokens (keypoint_tokens=32; not OpenVLA's design): does "
+        "OpenVLA learn once it is told where things are, as DiVLA did?",
+        (("keypoint_tokens", "32"),),
+    ),
+}
+for _policy, _variants in (("divla", DIVLA_VARIANTS), ("octo", OCTO_VARIANTS), ("openvla", OPENVLA_VARIANTS)):
     _curve = EXPERIMENTS.get(f"{_policy}-multitask-curve")
     for _tag, (_question, _options) in _variants.items():
         register(

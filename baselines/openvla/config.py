@@ -19,6 +19,7 @@ from typing import Any
 
 from divla_eval.config_io import JsonConfig
 from divla_eval.divla.config import DiVLAConfig, check_token_merge, check_vision_stem
+from divla_eval.nn import check_group_channels
 
 LABEL = "OpenVLA"
 _DIVLA = DiVLAConfig()  # the backbone sizes below follow DiVLA's defaults wherever those change
@@ -40,6 +41,16 @@ class OpenVLAConfig(JsonConfig):
     """"patch" (SigLIP's) or "conv": as DiVLA's `vision_stem`, so the two backbones stay alike."""
     token_merge: str = _DIVLA.token_merge
     """"mean" or "concat": as DiVLA's `token_merge` (the visual tokens are DiVLA's code)."""
+
+    keypoint_tokens: int = 0
+    """> 0: each camera also gets Diffusion Policy's image encoder (a small ResNet ending in this many
+    spatial-softmax keypoints, `divla_eval.nn.keypoints`) whose feature, projected to the decoder's
+    width, is one more visual token after the SigLIP tokens. Not OpenVLA's design: the from-scratch
+    SigLIP does not learn where a small object lies at this scale (scripts/probe.py, docs/curves.md);
+    OpenVLA has no action head to feed the keypoints to (DiVLA's and Octo's `keypoint_condition`), so
+    they enter where its images do. 0: OpenVLA's."""
+    keypoint_channels: tuple[int, ...] = (32, 64)
+    """Residual stages of each keypoint encoder (Diffusion Policy's defaults)."""
 
     # --- language backbone: DiVLA's Qwen2 decoder -------------------------------------------------------
     text_hidden: int = _DIVLA.text_hidden
@@ -69,6 +80,7 @@ class OpenVLAConfig(JsonConfig):
     def __post_init__(self):
         self.cameras = tuple(self.cameras)
         self.view_tokens = tuple(int(v) for v in self.view_tokens)
+        self.keypoint_channels = tuple(int(c) for c in self.keypoint_channels)
         if not self.cameras:
             raise ValueError("cameras: at least one (the policy sees the scene only through them)")
         if len(self.cameras) != len(self.view_tokens):
@@ -82,3 +94,8 @@ class OpenVLAConfig(JsonConfig):
             raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
         if self.action_dim < 1:
             raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
+        if self.keypoint_tokens < 0:
+            raise ValueError(f"keypoint_tokens must be >= 0, got {self.keypoint_tokens}")
+        if not self.keypoint_channels:
+            raise ValueError("keypoint_channels needs at least one entry")
+        check_group_channels("keypoint_channels", self.keypoint_channels)

@@ -6,6 +6,8 @@ Data flow of one call:
     [visual tokens, "In: What action should the robot take to <instruction>?\\nOut:"]
         --Qwen2 decoder, greedy, KV cache--> action_dim tokens, each one of 256 reserved action tokens
     token of bin k in dimension d --> the centre of bin k between d's 1st and 99th training percentiles
+    optional, not OpenVLA's: each camera --Diffusion Policy's keypoint encoder--> one more visual token
+        after the SigLIP tokens (`keypoint_tokens`)
 
 Training is next-token cross-entropy on the action tokens only, the prompt teacher-forced. Sequences in
 a batch are left-padded, so the action tokens always sit at the last positions.
@@ -24,6 +26,7 @@ from torch import nn
 
 from divla_eval.baselines.openvla.config import OpenVLAConfig
 from divla_eval.divla.model import DiVLAModel, build_language_model, build_token_projector, build_vision
+from divla_eval.nn.keypoints import KeypointEncoder
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 """OpenVLA's prompt template; the decoder's answer is the action tokens."""
@@ -109,6 +112,10 @@ class OpenVLAModel(nn.Module):
         th = self.decoder.config.hidden_size
         self.mm_projector = build_token_projector(cfg, vh, th)
         self.view_embed = nn.Parameter(torch.zeros(len(cfg.cameras), th))
+        self.keypoint_encoders = None  # the optional `keypoint_tokens` path
+        if cfg.keypoint_tokens > 0:
+            encoder = (cfg.keypoint_channels, cfg.keypoint_tokens, th)
+            self.keypoint_encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})
         self.bins = ActionBins(cfg.action_dim, cfg.n_bins)
 
     def _fit_vocabulary(self, n: int) -> None:
@@ -124,6 +131,15 @@ class OpenVLAModel(nn.Module):
         self.cfg.text_config = self.decoder.config.to_dict()
 
     # --- tokens -----------------------------------------------------------------------------------------
+    def visual_prefix(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sequence's image part [B, n, hidden]: DiVLA's visual tokens, then with `keypoint_tokens`
+        one keypoint token per camera."""
+        vis = self.encode_images(images)
+        if self.keypoint_encoders is None:
+            return vis
+        keypoints = [self.keypoint_encoders[c](images[c]) for c in self.cfg.cameras]
+        return torch.cat([vis, torch.stack(keypoints, dim=1)], dim=1)
+
     def prompt_ids(self, instructions: list[str]) -> list[list[int]]:
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []  # Qwen2's tokenizer has none
@@ -138,7 +154,7 @@ class OpenVLAModel(nn.Module):
     def forward(self, images: dict[str, torch.Tensor], instructions: list[str], actions: torch.Tensor):
         """Cross-entropy of the action tokens of raw `actions` [B, action_dim], over the whole
         vocabulary as in the paper. Also returns the token accuracy, the paper's training monitor."""
-        vis = self.encode_images(images)
+        vis = self.visual_prefix(images)
         targets = self.action_token_ids(actions)
         d = targets.shape[1]
         rows = []
@@ -184,7 +200,7 @@ class OpenVLAModel(nn.Module):
     def act(self, images: dict[str, torch.Tensor], instruction: str) -> torch.Tensor:
         """One action [B, action_dim] in the robot's units for B observations of one instruction
         (images: camera -> float [B, 3, H, W] in [0, 1])."""
-        vis = self.encode_images(images)
+        vis = self.visual_prefix(images)
         prompt = torch.tensor(self.prompt_ids([instruction]), device=vis.device)
         prompt = self.embed_tokens(prompt).expand(vis.shape[0], -1, -1)
         return self.bins.from_bins(self.generate_bins(torch.cat([vis, prompt], dim=1)))
