@@ -26,7 +26,7 @@ from pathlib import Path
 
 from divla_eval.config_io import JsonConfig
 from divla_eval.errors import DivlaEvalError
-from divla_eval.nn import check_group_channels
+from divla_eval.nn import check_keypoint_path
 
 LABEL = "Octo"
 
@@ -160,11 +160,7 @@ class OctoConfig(JsonConfig):
             raise ValueError(f"execute_steps must be in 1..chunk, got {self.execute_steps}")
         if not 1 <= self.inference_steps <= self.train_diffusion_steps:
             raise ValueError("inference_steps must be in 1..train_diffusion_steps")
-        if self.keypoint_condition < 0:
-            raise ValueError(f"keypoint_condition must be >= 0, got {self.keypoint_condition}")
-        if not self.keypoint_channels:
-            raise ValueError("keypoint_channels needs at least one entry")
-        check_group_channels("keypoint_channels", self.keypoint_channels)
+        check_keypoint_path("keypoint_condition", self.keypoint_condition, self.keypoint_channels)
         if self.keypoint_feature_dim < 1:
             raise ValueError(f"keypoint_feature_dim must be >= 1, got {self.keypoint_feature_dim}")
 

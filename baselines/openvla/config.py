@@ -19,7 +19,7 @@ from typing import Any
 
 from divla_eval.config_io import JsonConfig
 from divla_eval.divla.config import DiVLAConfig, check_token_merge, check_vision_stem
-from divla_eval.nn import check_group_channels
+from divla_eval.nn import check_keypoint_path
 
 LABEL = "OpenVLA"
 _DIVLA = DiVLAConfig()  # the backbone sizes below follow DiVLA's defaults wherever those change
@@ -94,8 +94,4 @@ class OpenVLAConfig(JsonConfig):
             raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
         if self.action_dim < 1:
             raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
-        if self.keypoint_tokens < 0:
-            raise ValueError(f"keypoint_tokens must be >= 0, got {self.keypoint_tokens}")
-        if not self.keypoint_channels:
-            raise ValueError("keypoint_channels needs at least one entry")
-        check_group_channels("keypoint_channels", self.keypoint_channels)
+        check_keypoint_path("keypoint_tokens", self.keypoint_tokens, self.keypoint_channels)

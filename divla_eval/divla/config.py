@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from divla_eval.config_io import JsonConfig
-from divla_eval.nn import check_group_channels
+from divla_eval.nn import check_keypoint_path
 
 VISION_STEMS = ("patch", "conv")
 VISUAL_CONDITION_SOURCES = ("encoder", "decoder")
@@ -178,11 +178,7 @@ class DiVLAConfig(JsonConfig):
                 f"visual_condition_source must be one of {', '.join(VISUAL_CONDITION_SOURCES)}, "
                 f"got {self.visual_condition_source!r}"
             )
-        if self.keypoint_condition < 0:
-            raise ValueError(f"keypoint_condition must be >= 0, got {self.keypoint_condition}")
-        if not self.keypoint_channels:
-            raise ValueError("keypoint_channels needs at least one entry")
-        check_group_channels("keypoint_channels", self.keypoint_channels)
+        check_keypoint_path("keypoint_condition", self.keypoint_condition, self.keypoint_channels)
         if self.diffusion_samples < 1:
             raise ValueError(f"diffusion_samples must be >= 1, got {self.diffusion_samples}")
         if not 1 <= self.execute_steps <= self.chunk:

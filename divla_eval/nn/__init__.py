@@ -14,3 +14,13 @@ def check_group_channels(label: str, channels: tuple[int, ...]) -> None:
     for c in channels:
         if c % norm_groups(c):
             raise ValueError(f"{label} {c}: must be below 16 or a multiple of {norm_groups(c)}")
+
+
+def check_keypoint_path(field: str, keypoints: int, channels: tuple[int, ...]) -> None:
+    """The options of the optional keypoint path DiVLA, Octo and OpenVLA share (`nn.keypoints`):
+    `field` is the config's keypoint count (0: no path), `channels` its `keypoint_channels`."""
+    if keypoints < 0:
+        raise ValueError(f"{field} must be >= 0, got {keypoints}")
+    if not channels:
+        raise ValueError("keypoint_channels needs at least one entry")
+    check_group_channels("keypoint_channels", channels)
