@@ -496,9 +496,9 @@ OCTO_VARIANTS = {
 OPENVLA_VARIANTS = {
     "keypoints": (
         "one Diffusion Policy keypoint token per camera (32 spatial-softmax keypoints projected to the "
-        "decoder's width) after the SigLIP tokens (keypoint_tokens=32; not OpenVLA's design): does "
+        "decoder's width) after the SigLIP tokens (keypoint_token_points=32; not OpenVLA's design): does "
         "OpenVLA learn once it is told where things are, as DiVLA did?",
-        (("keypoint_tokens", "32"),),
+        (("keypoint_token_points", "32"),),
     ),
 }
 for _policy, _variants in (("divla", DIVLA_VARIANTS), ("octo", OCTO_VARIANTS), ("openvla", OPENVLA_VARIANTS)):
@@ -1021,4 +1021,7 @@ def run_command(args) -> int:
     ):
         if value is not None and stage not in exp.stages:
             raise DivlaEvalError(f"{flag}: experiment {exp.name} has no {stage} stage")
+    if args.init_from is not None and "train" not in stages:
+        # the ship stage records the training's command: it must be the one that ran
+        raise DivlaEvalError("--init-from: only the train stage uses it; add --stage train")
     return run(exp, stages, overrides, dry_run=args.dry_run)

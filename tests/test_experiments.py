@@ -256,6 +256,10 @@ def test_unknown_names_stages_and_cells_are_one_line_and_exit_2(capsys):
     assert "has no curve stage" in _error(capsys, "divla-multitask", "--curve-every", "2")
     assert "has no train stage" in _error(capsys, "random-multitask", "--steps", "100")
     assert "has no train stage" in _error(capsys, "random-multitask", "--init-from", "checkpoints/x")
+    line = _error(
+        capsys, "divla-multitask-keypoints-curve", "--stage", "curve", "--init-from", "checkpoints/x"
+    )
+    assert "--init-from: only the train stage uses it" in line
 
 
 def test_init_from_continues_a_lost_training_from_its_shipped_copy(capsys):

@@ -134,13 +134,20 @@ def test_the_conv_stem_option_is_divlas():
 
 
 def test_keypoint_tokens_follow_the_visual_tokens_are_trained_and_read(tmp_path):
-    """`keypoint_tokens` (not OpenVLA's design): one Diffusion Policy keypoint token per camera after
+    """`keypoint_token_points` (not OpenVLA's design): one Diffusion Policy keypoint token per camera after
     the SigLIP tokens. The action loss trains the encoders, acting reads them, and they survive a save."""
-    m = tiny_model(keypoint_tokens=3, keypoint_channels=(8,))
+    m = tiny_model(keypoint_token_points=3, keypoint_channels=(8,))
     b = batch()
     prefix = m.visual_prefix(b["images"])
     assert prefix.shape == (3, 4 + 1 + 2, 32)  # the visual tokens, then one keypoint token per camera
     torch.testing.assert_close(prefix[:, :5], m.encode_images(b["images"]))
+    with torch.no_grad():  # each keypoint token carries its camera's view embedding
+        m.view_embed.normal_()
+        prefix = m.visual_prefix(b["images"])
+        for i, c in enumerate(("front", "wrist")):
+            expected = m.keypoint_encoders[c](b["images"][c]) + m.view_embed[i]
+            torch.testing.assert_close(prefix[:, 5 + i], expected)
+        m.view_embed.zero_()  # back to its initial value for the checks below
     m(**b)["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.keypoint_encoders.parameters())
     m.eval()
@@ -153,10 +160,10 @@ def test_keypoint_tokens_follow_the_visual_tokens_are_trained_and_read(tmp_path)
     again = OpenVLAPolicy.from_pretrained(tmp_path / "kp").model
     torch.testing.assert_close(changed, again.act(b["images"], TEXTS[0]), rtol=0, atol=0)
     assert tiny_model().keypoint_encoders is None  # OpenVLA's path by default
-    with pytest.raises(ValueError, match="keypoint_tokens must be >= 0"):
-        OpenVLAConfig(**{**TINY, "keypoint_tokens": -1})
+    with pytest.raises(ValueError, match="keypoint_token_points must be >= 0"):
+        OpenVLAConfig(**{**TINY, "keypoint_token_points": -1})
     with pytest.raises(ValueError, match="keypoint_channels 33: must be below 16 or a multiple of 2"):
-        OpenVLAConfig(**{**TINY, "keypoint_tokens": 2, "keypoint_channels": (33,)})
+        OpenVLAConfig(**{**TINY, "keypoint_token_points": 2, "keypoint_channels": (33,)})
 
 
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():

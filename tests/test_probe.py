@@ -125,6 +125,7 @@ def test_one_row_per_call_of_the_reach_with_the_hand_relative_target(
         width = policy.model.cfg.width
         assert rows[0]["keypoints"].shape == (2 * 5,)
         np.testing.assert_array_equal(rows[0]["condition"][width:], rows[0]["keypoints"])
+        assert not np.allclose(rows[0]["keypoints"], rows[-1]["keypoints"])  # what each call saw
 
 
 def test_records_replace_their_own_key_and_the_table_is_rebuilt_from_them(probe, tmp_path):

@@ -42,13 +42,13 @@ class OpenVLAConfig(JsonConfig):
     token_merge: str = _DIVLA.token_merge
     """"mean" or "concat": as DiVLA's `token_merge` (the visual tokens are DiVLA's code)."""
 
-    keypoint_tokens: int = 0
+    keypoint_token_points: int = 0
     """> 0: each camera also gets Diffusion Policy's image encoder (a small ResNet ending in this many
     spatial-softmax keypoints, `divla_eval.nn.keypoints`) whose feature, projected to the decoder's
-    width, is one more visual token after the SigLIP tokens. Not OpenVLA's design: the from-scratch
-    SigLIP does not learn where a small object lies at this scale (scripts/probe.py, docs/curves.md);
-    OpenVLA has no action head to feed the keypoints to (DiVLA's and Octo's `keypoint_condition`), so
-    they enter where its images do. 0: OpenVLA's."""
+    width, is one more visual token after the SigLIP tokens (one token per camera, whatever the
+    count). Not OpenVLA's design: the from-scratch SigLIP does not learn where a small object lies at
+    this scale (scripts/probe.py, docs/curves.md); OpenVLA has no action head to feed the keypoints to
+    (DiVLA's and Octo's `keypoint_condition`), so they enter where its images do. 0: OpenVLA's."""
     keypoint_channels: tuple[int, ...] = (32, 64)
     """Residual stages of each keypoint encoder (Diffusion Policy's defaults)."""
 
@@ -94,4 +94,4 @@ class OpenVLAConfig(JsonConfig):
             raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
         if self.action_dim < 1:
             raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
-        check_keypoint_path("keypoint_tokens", self.keypoint_tokens, self.keypoint_channels)
+        check_keypoint_path("keypoint_token_points", self.keypoint_token_points, self.keypoint_channels)

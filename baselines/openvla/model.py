@@ -7,7 +7,7 @@ Data flow of one call:
         --Qwen2 decoder, greedy, KV cache--> action_dim tokens, each one of 256 reserved action tokens
     token of bin k in dimension d --> the centre of bin k between d's 1st and 99th training percentiles
     optional, not OpenVLA's: each camera --Diffusion Policy's keypoint encoder--> one more visual token
-        after the SigLIP tokens (`keypoint_tokens`)
+        after the SigLIP tokens (`keypoint_token_points`)
 
 Training is next-token cross-entropy on the action tokens only, the prompt teacher-forced. Sequences in
 a batch are left-padded, so the action tokens always sit at the last positions.
@@ -112,9 +112,9 @@ class OpenVLAModel(nn.Module):
         th = self.decoder.config.hidden_size
         self.mm_projector = build_token_projector(cfg, vh, th)
         self.view_embed = nn.Parameter(torch.zeros(len(cfg.cameras), th))
-        self.keypoint_encoders = None  # the optional `keypoint_tokens` path
-        if cfg.keypoint_tokens > 0:
-            encoder = (cfg.keypoint_channels, cfg.keypoint_tokens, th)
+        self.keypoint_encoders = None  # the optional `keypoint_token_points` path
+        if cfg.keypoint_token_points > 0:
+            encoder = (cfg.keypoint_channels, cfg.keypoint_token_points, th)
             self.keypoint_encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})
         self.bins = ActionBins(cfg.action_dim, cfg.n_bins)
 
@@ -132,12 +132,14 @@ class OpenVLAModel(nn.Module):
 
     # --- tokens -----------------------------------------------------------------------------------------
     def visual_prefix(self, images: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The sequence's image part [B, n, hidden]: DiVLA's visual tokens, then with `keypoint_tokens`
-        one keypoint token per camera."""
+        """The sequence's image part [B, n, hidden]: DiVLA's visual tokens, then with
+        `keypoint_token_points` one keypoint token per camera, marked with its camera's view embedding
+        as that camera's SigLIP tokens are."""
         vis = self.encode_images(images)
         if self.keypoint_encoders is None:
             return vis
-        keypoints = [self.keypoint_encoders[c](images[c]) for c in self.cfg.cameras]
+        cams = self.cfg.cameras
+        keypoints = [self.keypoint_encoders[c](images[c]) + self.view_embed[i] for i, c in enumerate(cams)]
         return torch.cat([vis, torch.stack(keypoints, dim=1)], dim=1)
 
     def prompt_ids(self, instructions: list[str]) -> list[list[int]]:
