@@ -424,8 +424,6 @@ for _policy in TRAINED_POLICIES:
     )
 
 
-POLICY_LABELS = {"divla": "DiVLA", "octo": "Octo", "openvla": "OpenVLA"}
-
 # DiVLA learns far more slowly per step than Diffusion Policy on the same demos, and open loop its
 # errors exceed Diffusion Policy's most where to reach (y), which only the images tell, and its actions
 # hardly change when it is shown another scene's images. Each variant below changes one thing about
@@ -508,8 +506,8 @@ for _policy, _variants in (("divla", DIVLA_VARIANTS), ("octo", OCTO_VARIANTS), (
             replace(
                 _curve,
                 name=f"{_policy}-multitask-{_tag}-curve",
-                description=f"{POLICY_LABELS[_policy]}'s learning curve with {_question} Same demos, "
-                f"steps and grid as {_curve.name}",
+                description=f"learning curve of {_policy} with {_question} Same demos, steps and grid "
+                f"as {_curve.name}",
                 layout=CURVE_VARIANT,
                 tag=_tag,
                 training=replace(  # a variant's option replaces the reference's of the same name
@@ -701,8 +699,9 @@ def train_command(exp: Experiment, o: Overrides) -> tuple[str, ...]:
         cmd += ["--schedule", t.schedule]
     if t.decay_steps:
         cmd += ["--decay-steps", str(t.decay_steps)]
-    if o.init_from or t.init_from:
-        cmd += ["--init-from", o.init_from or t.init_from]
+    source = o.init_from or t.init_from
+    if source:
+        cmd += ["--init-from", source]
     if t.snapshot_every:
         cmd += ["--snapshot-every", str(t.snapshot_every)]
     cmd += ["--threads", str(o.threads or t.threads), "--no-progress"]

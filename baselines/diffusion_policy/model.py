@@ -22,15 +22,15 @@ from torch import nn
 from divla_eval.baselines.diffusion_policy.config import DiffusionPolicyConfig
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
 from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
-from divla_eval.nn.keypoints import KeypointEncoder
+from divla_eval.nn.keypoints import CameraKeypoints
 
 
 class DiffusionPolicyModel(NormalizationStats, nn.Module):
     def __init__(self, cfg: DiffusionPolicyConfig):
         super().__init__()
         self.cfg = cfg
-        encoder = (cfg.encoder_channels, cfg.num_keypoints, cfg.feature_dim)
-        self.encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})  # not shared
+        # one per camera, not shared
+        self.encoders = CameraKeypoints(cfg.cameras, cfg.encoder_channels, cfg.num_keypoints, cfg.feature_dim)
         self.unet = ConditionalUnet1D(
             input_dim=cfg.action_dim,
             cond_dim=cfg.cond_dim,
@@ -48,7 +48,7 @@ class DiffusionPolicyModel(NormalizationStats, nn.Module):
         """images: camera -> float [B, T_o, 3, H, W] in [0, 1]; proprio: [B, T_o, P] (oldest first).
         Returns the global condition [B, T_o * (cameras * feature_dim + P)]."""
         b, t = proprio.shape[:2]
-        feats = [self.encoders[c](images[c].flatten(0, 1)).view(b, t, -1) for c in self.cfg.cameras]
+        feats = [f.view(b, t, -1) for f in self.encoders({c: v.flatten(0, 1) for c, v in images.items()})]
         return torch.cat([*feats, self.normalize_proprio(proprio)], dim=-1).flatten(1)
 
     # --- training -------------------------------------------------------------------------------------

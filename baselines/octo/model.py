@@ -34,7 +34,7 @@ from divla_eval.baselines.octo.config import OctoConfig, text_encoder_dir
 from divla_eval.errors import DivlaEvalError
 from divla_eval.nn import norm_groups
 from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
-from divla_eval.nn.keypoints import KeypointEncoder
+from divla_eval.nn.keypoints import CameraKeypoints
 
 TASK, OBS, READOUT = 0, 1, 2
 """Token kinds in the attention mask."""
@@ -214,8 +214,9 @@ class OctoModel(NormalizationStats, nn.Module):
         # the optional keypoint path from the pixels to the head (`keypoint_condition`)
         self.keypoint_encoders = None
         if cfg.keypoint_condition > 0:
-            encoder = (cfg.keypoint_channels, cfg.keypoint_condition, cfg.keypoint_feature_dim)
-            self.keypoint_encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})
+            self.keypoint_encoders = CameraKeypoints(
+                cfg.cameras, cfg.keypoint_channels, cfg.keypoint_condition, cfg.keypoint_feature_dim
+            )
         self.head = DiffusionMLPHead(cfg)
         # the robot's normalisation statistics: buffers, so they travel inside the weights file
         self._register_stats(cfg.action_dim, cfg.proprio_dim)
@@ -265,7 +266,7 @@ class OctoModel(NormalizationStats, nn.Module):
         when the model has no such path."""
         if self.keypoint_encoders is None:
             return None
-        return torch.cat([self.keypoint_encoders[c](images[c][:, -1]) for c in self.cfg.cameras], dim=-1)
+        return torch.cat(self.keypoint_encoders({c: v[:, -1] for c, v in images.items()}), dim=-1)
 
     def condition(
         self, images: dict[str, torch.Tensor], proprio: torch.Tensor, text: TextTokens

@@ -26,7 +26,7 @@ from torch import nn
 
 from divla_eval.baselines.openvla.config import OpenVLAConfig
 from divla_eval.divla.model import DiVLAModel, build_language_model, build_token_projector, build_vision
-from divla_eval.nn.keypoints import KeypointEncoder
+from divla_eval.nn.keypoints import CameraKeypoints
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 """OpenVLA's prompt template; the decoder's answer is the action tokens."""
@@ -114,8 +114,9 @@ class OpenVLAModel(nn.Module):
         self.view_embed = nn.Parameter(torch.zeros(len(cfg.cameras), th))
         self.keypoint_encoders = None  # the optional `keypoint_token_points` path
         if cfg.keypoint_token_points > 0:
-            encoder = (cfg.keypoint_channels, cfg.keypoint_token_points, th)
-            self.keypoint_encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})
+            self.keypoint_encoders = CameraKeypoints(
+                cfg.cameras, cfg.keypoint_channels, cfg.keypoint_token_points, th
+            )
         self.bins = ActionBins(cfg.action_dim, cfg.n_bins)
 
     def _fit_vocabulary(self, n: int) -> None:
@@ -138,9 +139,10 @@ class OpenVLAModel(nn.Module):
         vis = self.encode_images(images)
         if self.keypoint_encoders is None:
             return vis
-        cams = self.cfg.cameras
-        keypoints = [self.keypoint_encoders[c](images[c]) + self.view_embed[i] for i, c in enumerate(cams)]
-        return torch.cat([vis, torch.stack(keypoints, dim=1)], dim=1)
+        keypoints = (
+            torch.stack(self.keypoint_encoders(images), dim=1) + self.view_embed
+        )  # [B, cameras, hidden]
+        return torch.cat([vis, keypoints], dim=1)
 
     def prompt_ids(self, instructions: list[str]) -> list[list[int]]:
         tok = self.tokenizer

@@ -35,7 +35,7 @@ from torch.profiler import record_function
 from divla_eval.divla.config import DiVLAConfig
 from divla_eval.nn.cond_unet1d import ConditionalUnet1D
 from divla_eval.nn.diffusion import NormalizationStats, ddim_sample, make_schedulers, training_noise
-from divla_eval.nn.keypoints import KeypointEncoder
+from divla_eval.nn.keypoints import CameraKeypoints
 
 STAGES = {
     "divla.vision": "SigLIP on every view, pooling, mm projector (and the keypoint encoders, if any)",
@@ -257,8 +257,9 @@ class DiVLAModel(nn.Module):
         # the optional keypoint path from the pixels to the action head (`keypoint_condition`)
         self.keypoint_encoders = None
         if cfg.keypoint_condition > 0:
-            encoder = (cfg.keypoint_channels, cfg.keypoint_condition, cfg.keypoint_feature_dim)
-            self.keypoint_encoders = nn.ModuleDict({c: KeypointEncoder(*encoder) for c in cfg.cameras})
+            self.keypoint_encoders = CameraKeypoints(
+                cfg.cameras, cfg.keypoint_channels, cfg.keypoint_condition, cfg.keypoint_feature_dim
+            )
         d_kp = cfg.keypoint_feature_dim * len(cfg.cameras) if self.keypoint_encoders is not None else 0
         self.unet = ConditionalUnet1D(
             input_dim=cfg.action_latent,
@@ -343,7 +344,7 @@ class DiVLAModel(nn.Module):
         [B, cameras * keypoint_feature_dim], or None when the model has no such path."""
         if self.keypoint_encoders is None:
             return None
-        return torch.cat([self.keypoint_encoders[c](images[c]) for c in self.cfg.cameras], dim=-1)
+        return torch.cat(self.keypoint_encoders(images), dim=-1)
 
     def prompt_ids(self, instruction: str) -> list[int]:
         tok = self.tokenizer

@@ -80,3 +80,19 @@ class KeypointEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: float [N, 3, H, W] in [0, 1] -> [N, feature_dim]."""
         return self.proj(self.pool(self.stages(self.stem(images * 2 - 1))))
+
+
+class CameraKeypoints(nn.ModuleDict):
+    """One `KeypointEncoder` per camera: Diffusion Policy's image encoders and the keypoint path of
+    DiVLA, Octo and OpenVLA. A ModuleDict, so the weights keep the names `<attribute>.<camera>.*` that
+    the shipped checkpoints have."""
+
+    def __init__(
+        self, cameras: tuple[str, ...], channels: tuple[int, ...], num_keypoints: int, feature_dim: int
+    ):
+        super().__init__({c: KeypointEncoder(channels, num_keypoints, feature_dim) for c in cameras})
+
+    def forward(self, images: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """camera -> float [N, 3, H, W] in [0, 1] to each camera's feature [N, feature_dim], in the
+        cameras' order."""
+        return [encoder(images[camera]) for camera, encoder in self.items()]
